@@ -1,0 +1,147 @@
+"""Notebook hygiene, parameter agreement (cell ↔ YAML ↔ config), and papermill smoke runs."""
+import ast
+import json
+import shutil
+from pathlib import Path
+
+import nbformat
+import pytest
+import yaml
+
+from twlib import config, data
+from twlib import format as fmt
+from twlib import pipeline
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+PROFILES = sorted((ROOT / "params").glob("*.yaml"))
+COMMON = {"profile", "output_root", "force"}
+
+
+def _parameters_cell(path: Path):
+    nb = nbformat.read(path, as_version=4)
+    tagged = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
+    assert len(tagged) == 1, f"{path.name}: needs exactly one cell tagged 'parameters'"
+    return tagged[0]
+
+
+def _cell_defaults(path: Path) -> dict:
+    """name → default of every `name: type = default  # help` line of the parameters cell."""
+    cell = _parameters_cell(path)
+    out = {}
+    for line, node in zip(cell.source.splitlines(), ast.parse(cell.source).body):
+        assert isinstance(node, ast.AnnAssign), f"{path.name}: parameters must be `name: type = default`"
+        assert "#" in line, f"{path.name}: parameter {node.target.id} has no '# help' comment"
+        out[node.target.id] = ast.literal_eval(node.value)
+    return out
+
+
+def test_there_are_notebooks_and_profiles():
+    assert [p.stem for p in NOTEBOOKS][:1] == ["01_trajectories"]
+    assert {"smoke", "cpu-demo"} <= {p.stem for p in PROFILES}
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_notebook_committed_clean_and_thin(path):
+    nb = nbformat.read(path, as_version=4)
+    for cell in nb.cells:
+        if cell.cell_type != "code":
+            continue
+        assert not cell.get("outputs") and cell.get("execution_count") is None, f"{path.name} has outputs"
+        for node in ast.walk(ast.parse(cell.source)):
+            assert not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Lambda)), \
+                f"{path.name}: define functions in twlib, not in notebooks"
+    assert nb.metadata["kernelspec"]["name"] == "python3"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_parameters_agree_with_config_and_profiles(path):
+    stage = path.stem
+    cls = config.STAGE_CONFIGS[stage]
+    defaults = _cell_defaults(path)
+    assert list(defaults) == cls.names(), "parameters cell and config fields differ (names or order)"
+    import papermill
+    documented = papermill.inspect_notebook(str(path))  # what `papermill --help-notebook` shows
+    assert list(documented) == cls.names(), "papermill cannot parse every parameter line"
+    assert all(p["help"] for p in documented.values())
+    reference = cls.from_dict(defaults)  # the cell's defaults are a valid config...
+    for f in cls.names():  # ...and equal the config's own defaults (profile aside, which is required)
+        if f != "profile":
+            assert getattr(reference, f) == getattr(cls.from_dict({"profile": "x"}), f), f
+    for params in PROFILES:
+        profile = config.load_profile(params)
+        if stage in profile.stages:
+            section = yaml.safe_load(params.read_text())[stage]
+            assert set(section) == set(cls.names()) - COMMON, f"{params.name}: {stage} keys differ from the cell"
+            profile.stage_config(stage)
+
+
+def test_every_profile_validates():
+    for params in PROFILES:
+        profile = config.load_profile(params)
+        for stage in profile.stages:
+            assert (ROOT / "notebooks" / f"{stage}.ipynb").exists()
+            profile.stage_config(stage)
+
+
+def test_bad_parameter_is_named():
+    with pytest.raises(config.ConfigError, match="'n_tset'.*did you mean 'n_test'"):
+        config.TrajectoriesConfig.from_dict({"profile": "x", "n_tset": 3})
+    with pytest.raises(config.ConfigError, match="'family_weights'"):
+        config.TrajectoriesConfig.from_dict({"profile": "x", "family_weights": [1.0]})
+    with pytest.raises(config.ConfigError, match="'families'.*sudoku"):
+        config.TrajectoriesConfig.from_dict({"profile": "x", "families": ["sudoku"], "family_weights": [1.0]})
+    with pytest.raises(config.ConfigError, match="'expr_groups_min'"):
+        config.TrajectoriesConfig.from_dict({"profile": "x", "expr_groups_min": 1})
+
+
+@pytest.fixture(scope="module")
+def smoke_outputs(tmp_path_factory):
+    """Run the smoke profile's notebooks through the real pipeline into a temporary output root."""
+    out = tmp_path_factory.mktemp("outputs")
+    params = tmp_path_factory.mktemp("params") / "smoke.yaml"
+    spec = yaml.safe_load((ROOT / "params" / "smoke.yaml").read_text())
+    spec["output_root"] = str(out)
+    params.write_text(yaml.safe_dump(spec))
+    assert pipeline.main([str(params)]) == 0
+    return out / "smoke", spec
+
+
+@pytest.mark.notebooks
+def test_notebook_01_smoke(smoke_outputs):
+    folder, spec = smoke_outputs
+    stage = folder / "01_trajectories"
+    params = spec["01_trajectories"]
+    metrics = json.loads((stage / "metrics.json").read_text())
+    assert metrics["status"] == "complete" and metrics["params"]["n_test"] == params["n_test"]
+    assert metrics["metrics"]["drifted_rows"] == 0
+    assert metrics["metrics"]["examples"] == {"train": params["n_train"], "validation": params["n_validation"],
+                                              "test": params["n_test"]}
+    for key in ("git_sha", "packages", "device", "timings"):
+        assert key in metrics
+    dsd = data.load_parquet(stage / "data")
+    questions = {s: set(dsd[s]["question"]) for s in dsd}
+    assert not (questions["train"] & questions["test"]) and not (questions["train"] & questions["validation"])
+    for row in dsd["test"]:
+        traj = fmt.parse(row["completion"][0]["content"])
+        assert traj.answer == row["answer"] == fmt.parse(row["sequential_completion"][0]["content"]).answer
+    for fig in ("total_vs_critical.png", "ideal_speedup.png"):
+        assert (stage / fig).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    from twlib.tokenizer import check_tags_atomic, load_tokenizer
+    check_tags_atomic(load_tokenizer(stage / "tokenizer"))
+    executed = nbformat.read(stage / "01_trajectories.ipynb", as_version=4)
+    assert not [o for c in executed.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
+    text = "".join(o.get("text", "") for c in executed.cells if c.cell_type == "code" for o in c.outputs)
+    assert "--- parallel CoT" in text and "<Parallel>" in text
+
+
+@pytest.mark.notebooks
+def test_pipeline_skips_complete_stage(smoke_outputs, tmp_path, capsys):
+    folder, spec = smoke_outputs
+    params = tmp_path / "smoke.yaml"
+    spec = dict(spec, output_root=str(folder.parent))
+    params.write_text(yaml.safe_dump(spec))
+    before = (folder / "01_trajectories" / "metrics.json").read_text()
+    assert pipeline.main([str(params)]) == 0
+    assert "skip" in capsys.readouterr().out.lower()
+    assert (folder / "01_trajectories" / "metrics.json").read_text() == before

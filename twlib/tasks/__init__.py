@@ -1,0 +1,105 @@
+"""Synthetic task families and their datasets (DESIGN §9).
+
+Every family turns an RNG into a `Problem` whose `Plan` renders both CoTs. Splits are assigned by
+a hash of the question, so the same question can never land in two splits, whatever the seed.
+
+>>> import random
+>>> p = make_problem("products", random.Random(0), ProductParams(factors_min=2, factors_max=2))
+>>> p.shape, p.answer == str(eval(p.question))
+('pair', True)
+"""
+from __future__ import annotations
+
+import hashlib
+import random
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+from .expressions import ExpressionParams, make_expression_problem
+from .plan import Fork, Group, Plan
+from .problem import Problem
+from .products import ProductParams, make_product_problem
+
+FAMILIES: dict[str, Callable] = {"expressions": make_expression_problem, "products": make_product_problem}
+SPLITS = ("train", "validation", "test")
+
+
+def make_problem(family: str, rng: random.Random, params) -> Problem:
+    if family not in FAMILIES:
+        raise ValueError(f"unknown task family {family!r}; known: {sorted(FAMILIES)}")
+    return FAMILIES[family](rng, params)
+
+
+def split_of(question: str, fractions: tuple[float, float, float]) -> str:
+    """Deterministic split from a hash of the question text."""
+    h = int.from_bytes(hashlib.sha256(question.encode()).digest()[:8], "big") / 2 ** 64
+    acc = 0.0
+    for name, f in zip(SPLITS, fractions):
+        acc += f
+        if h < acc:
+            return name
+    return SPLITS[-1]
+
+
+@dataclass
+class TaskMix:
+    """Which families, in which proportions, with which parameters."""
+    families: list[str]
+    weights: list[float]
+    params: dict[str, object] = field(default_factory=dict)
+
+    def __post_init__(self):
+        for f in self.families:
+            if f not in FAMILIES:
+                raise ValueError(f"unknown task family {f!r}; known: {sorted(FAMILIES)}")
+        if len(self.weights) != len(self.families):
+            raise ValueError("family_weights must have one weight per family")
+
+    def sample(self, rng: random.Random) -> Problem:
+        family = rng.choices(self.families, weights=self.weights)[0]
+        return make_problem(family, rng, self.params[family])
+
+
+def generate_splits(mix: TaskMix, sizes: dict[str, int], seed: int,
+                    progress: Callable[[int], None] | None = None,
+                    max_tries_factor: int = 200) -> dict[str, list[Problem]]:
+    """Draw problems until every split has its size; duplicates are dropped, splits are disjoint.
+
+    Hash fractions follow the requested sizes so few draws are wasted.
+    """
+    total = sum(sizes.values())
+    fractions = tuple(sizes[s] / total for s in SPLITS)
+    rng = random.Random(seed)
+    out: dict[str, list[Problem]] = {s: [] for s in SPLITS}
+    seen: set[str] = set()
+    for _ in range(max_tries_factor * max(total, 1)):
+        if all(len(out[s]) >= sizes[s] for s in SPLITS):
+            break
+        p = mix.sample(rng)
+        if p.question in seen:
+            continue
+        seen.add(p.question)
+        split = split_of(p.question, fractions)
+        if len(out[split]) < sizes[split]:
+            out[split].append(p)
+            if progress:
+                progress(1)
+    else:
+        short = {s: (len(out[s]), sizes[s]) for s in SPLITS if len(out[s]) < sizes[s]}
+        raise ValueError(f"could not draw enough distinct problems (have, want): {short}; "
+                         "the task parameters allow too few distinct questions")
+    return out
+
+
+def check_disjoint(questions_by_split: dict[str, list[str]]) -> None:
+    """Raise if any question appears in two splits (or twice in one)."""
+    owner: dict[str, str] = {}
+    for split, qs in questions_by_split.items():
+        for q in qs:
+            if q in owner:
+                raise ValueError(f"question {q!r} appears in {owner[q]} and {split}")
+            owner[q] = split
+
+
+__all__ = ["ExpressionParams", "ProductParams", "Problem", "Plan", "Fork", "Group", "TaskMix",
+           "FAMILIES", "SPLITS", "make_problem", "generate_splits", "split_of", "check_disjoint"]
