@@ -313,12 +313,12 @@ class TrajectoriesConfig(StageConfig):
     expr_balanced_fraction: float = 0.75
     expr_groups_min: int = 3
     expr_groups_max: int = 4
-    expr_leaves_min: int = 8
-    expr_leaves_max: int = 9
+    expr_leaves_min: int = 7
+    expr_leaves_max: int = 8
     expr_chain_leaves_min: int = 6
     expr_chain_leaves_max: int = 12
     expr_max_leaf: int = 9
-    expr_max_value: int = 20
+    expr_max_value: int = 9
     prod_factors_min: int = 3
     prod_factors_max: int = 4
     prod_factor_min: int = 2

@@ -293,8 +293,11 @@ class _Parser:
             where = {"between_threads": "text between threads",
                      "after_threads": "text between the last </Thread> and </Parallel>"}.get(name)
             self.fail(where or f"unexpected text {s[:20]!r} inside a <Parallel> block ({name})")
-        if self.strict and s != _CANON[name]:
-            self.fail(f"non-canonical whitespace {s!r} {name.replace('_', ' ')} (expected {_CANON[name]!r})")
+        if s != _CANON[name]:
+            problem = f"non-canonical whitespace {s!r} {name.replace('_', ' ')} (expected {_CANON[name]!r})"
+            if self.strict:
+                self.fail(problem)
+            self.issues.append(problem)
         if s:
             self.i += 1
         return s
@@ -484,6 +487,9 @@ def parse_ids(ids: Sequence[int], tokenizer, strict: bool = True, eos_id: int | 
         raise FormatError(f"expected a sequence of token ids: {e}") from None
     if (neg := next((k for k, i in enumerate(ids) if i < 0), None)) is not None:
         raise FormatError(f"negative token id {ids[neg]}", token_offset=neg)
+    # A padded embedding matrix lets a model emit ids the tokenizer cannot decode.
+    if (oov := next((k for k, i in enumerate(ids) if i >= len(tokenizer)), None)) is not None:
+        raise FormatError(f"token id {ids[oov]} is outside the tokenizer's {len(tokenizer)} ids", token_offset=oov)
     eos_id = tokenizer.eos_token_id if eos_id is None else eos_id
     eos = bool(ids) and ids[-1] == eos_id
     body = ids[:-1] if eos else ids

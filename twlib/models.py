@@ -5,8 +5,8 @@ Qwen3 checkpoint and add the tags (`add_tags_to_model`). Either way the folder w
 `save_model` loads with ``AutoModelForCausalLM.from_pretrained`` and ``vllm.LLM``.
 
 >>> from twlib.tokenizer import build_char_tokenizer
->>> m = build_tiny_model(build_char_tokenizer(), TinyModelSpec(hidden_size=32, num_layers=1,
-...     num_heads=2, num_kv_heads=1, intermediate_size=64))
+>>> m = build_tiny_model(build_char_tokenizer(), TinyModelSpec(hidden_size=64, num_layers=1,
+...     num_heads=2, num_kv_heads=1, intermediate_size=128))
 >>> type(m).__name__, m.config.vocab_size
 ('Qwen3ForCausalLM', 112)
 """
@@ -15,6 +15,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
+
+
+# Head sizes vLLM's CPU attention supports (others load, then fail at the first forward).
+VLLM_CPU_HEAD_DIMS = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
 
 
 @dataclass(frozen=True)
@@ -35,6 +39,10 @@ class TinyModelSpec:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads {self.num_heads} is not divisible by num_kv_heads {self.num_kv_heads}")
+        head_dim = self.hidden_size // self.num_heads
+        if head_dim not in VLLM_CPU_HEAD_DIMS:
+            raise ValueError(f"head size hidden_size/num_heads = {head_dim} cannot run on vLLM for CPU; "
+                             f"use one of {VLLM_CPU_HEAD_DIMS}")
 
 
 def qwen3_config(tokenizer, spec: TinyModelSpec):
@@ -69,13 +77,18 @@ def count_parameters(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def save_model(model, tokenizer, path: str | Path) -> Path:
-    """``save_pretrained`` of model and tokenizer into one folder (safetensors)."""
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(path, safe_serialization=True)
-    tokenizer.save_pretrained(path)
-    return path
+def save_model(model, tokenizer, path: str | Path, overwrite: bool = False) -> Path:
+    """``save_pretrained`` of model and tokenizer into one folder (safetensors), atomically.
+
+    An existing folder is only replaced with ``overwrite=True``; a crash mid-save leaves no
+    half-written checkpoint behind.
+    """
+    from .runs import atomic_dir
+
+    with atomic_dir(path, overwrite=overwrite) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+    return Path(path)
 
 
 def load_model(path: str | Path, dtype: str = "float32", attn_implementation: str = "sdpa"):

@@ -54,12 +54,13 @@ def build_char_tokenizer():
                                    model_max_length=1 << 20)
 
 
-def save_tokenizer(tokenizer, path: str | Path) -> Path:
-    """Save with ``save_pretrained`` (loadable by ``AutoTokenizer`` and vLLM)."""
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    tokenizer.save_pretrained(path)
-    return path
+def save_tokenizer(tokenizer, path: str | Path, overwrite: bool = True) -> Path:
+    """``save_pretrained`` into ``path`` atomically (loadable by ``AutoTokenizer`` and vLLM)."""
+    from .runs import atomic_dir
+
+    with atomic_dir(path, overwrite=overwrite) as tmp:
+        tokenizer.save_pretrained(tmp)
+    return Path(path)
 
 
 def load_tokenizer(path: str | Path):
@@ -97,14 +98,16 @@ def tag_name(tag: str) -> str:
 
 
 def init_tag_embeddings(model, tokenizer, tags: Sequence[str]) -> None:
-    """Resize the embeddings to the tokenizer and set each new tag's row to the mean of its name's rows.
+    """Give each new tag's embedding row the mean of its name's rows (untied LM head likewise).
 
-    The untied LM head gets the same treatment. Example: ``<Parallel>``'s row becomes the mean
-    input embedding of the tokens of ``"Parallel"``.
+    The matrix only grows (to a multiple of 16) when the tokenizer outgrows it: Qwen3 checkpoints
+    carry spare rows past the tokenizer, which must not be cut off. Example: ``<Parallel>``'s row
+    becomes the mean input embedding of the tokens of ``"Parallel"``.
     """
     import torch
 
-    model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=16, mean_resizing=False)
     emb = model.get_input_embeddings().weight
     head = model.get_output_embeddings()
     tied = head is None or head.weight is emb

@@ -26,15 +26,15 @@ from .problem import Problem
 
 @dataclass(frozen=True)
 class ExpressionParams:
-    balanced_fraction: float = 0.7
-    groups_min: int = 2
+    balanced_fraction: float = 0.75
+    groups_min: int = 3
     groups_max: int = 4
-    leaves_min: int = 5
+    leaves_min: int = 7
     leaves_max: int = 8
     chain_leaves_min: int = 6
     chain_leaves_max: int = 12
     max_leaf: int = 9
-    max_value: int = 20
+    max_value: int = 9
 
 
 def _chain(rng: random.Random, n_leaves: int, max_leaf: int, max_value: int) -> tuple[list[int], list[str]]:
