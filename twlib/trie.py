@@ -1,0 +1,274 @@
+"""Trie packing of fork-join trajectories (paper §3.2, with the objective corrected; DESIGN §5).
+
+A trajectory is the set of ``<context, completion>`` units the orchestrator issues. Their token
+sequences are inserted into a trie rooted at the prompt: the main path is the whole joined
+sequence; thread j ≥ 2 of each block also gets a *branch copy* that hangs off the block head's
+``\\n<Thread>\\n`` and holds exactly what inference conditions it on. The trie is flattened depth
+first: position id = depth, attention = ancestors only, each token predicted from its trie parent.
+
+Loss (corrected objective): every model-generated token is trained once, in the context it was
+generated in — sequential text and block heads on the main path; thread 1 on the main path;
+threads 2..K on their branch copies only; orchestrator-inserted headers and the join get none.
+``objective="official"`` reproduces the official code for ablations: every response token of the
+flattened sequence is trained (main-path copies of threads 2..K included) and labels are the next
+token in *flat* order.
+
+Tiny example (characters as tokens): prompt ``P``, head ``H``, threads ``a`` and ``b``::
+
+    main path:  P H \\n <Thread> \\n 1 : a </Thread> <Thread> \\n 2 : b </Thread> \\n ...
+    branch:                      └─ 2 : b </Thread>          (parent = the \\n after <Thread>)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Sequence
+
+from . import format as fmt
+
+Objective = Literal["corrected", "official"]
+IGNORE = -100
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One engine call: ``context`` ids (prompt + earlier pieces + any header) → ``completion`` ids."""
+    context: tuple[int, ...]
+    completion: tuple[int, ...]
+    kind: Literal["sequential", "thread"]
+    block: int | None = None
+    thread: int | None = None
+
+
+def units(prompt: Sequence[int], traj: fmt.Trajectory, tokenizer) -> list[Unit]:
+    """The orchestrator's calls for a canonical trajectory, in token ids (segment-wise, + EOS).
+
+    Sequential calls see everything before them; thread N of a block sees the context up to the
+    block head plus ``\\n<Thread>\\nN:`` (the header every thread request carries at inference).
+    """
+    from .tokenizer import segment_ids
+
+    seg = segment_ids(traj, tokenizer)
+    out: list[Unit] = []
+    ids = list(prompt)
+    head_end = 0  # length of `ids` at the end of the current block head
+    for s, (a, b) in zip(seg.segments, seg.spans):
+        piece = seg.ids[a:b]
+        if s.kind == "sequential":
+            out.append(Unit(tuple(ids), tuple(piece), "sequential"))
+            head_end = len(ids) + len(piece)
+        elif s.kind == "thread":
+            header = tokenizer.encode(fmt.thread_header(s.thread, first=True), add_special_tokens=False)
+            out.append(Unit(tuple(ids[:head_end]) + tuple(header), tuple(piece), "thread", s.block, s.thread))
+        ids.extend(piece)
+    return out
+
+
+@dataclass
+class PackedTrie:
+    """A flattened trie (or several, packed in one row). Arrays are indexed by flat position.
+
+    ``parent[i]`` is the flat index of i's trie parent (-1 for a root); ``exit[i]`` is the last flat
+    index of i's subtree (entry time = i itself), so j is an ancestor-or-self of i iff
+    ``j <= i <= exit[j]``. ``labels[i]`` is the token predicted from position i (pre-shifted;
+    ``IGNORE`` where nothing is trained). ``trained[i]`` says token i carries loss.
+    """
+    input_ids: list[int] = field(default_factory=list)
+    position_ids: list[int] = field(default_factory=list)
+    parent: list[int] = field(default_factory=list)
+    exit: list[int] = field(default_factory=list)
+    trained: list[bool] = field(default_factory=list)
+    labels: list[int] = field(default_factory=list)
+    sequence: list[int] = field(default_factory=list)  # which packed trajectory each position belongs to
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    def extend(self, other: "PackedTrie") -> None:
+        """Append another packed trie (block-diagonal: nothing attends across)."""
+        off, seq_off = len(self), (max(self.sequence) + 1 if self.sequence else 0)
+        self.input_ids += other.input_ids
+        self.position_ids += other.position_ids
+        self.parent += [p + off if p >= 0 else -1 for p in other.parent]
+        self.exit += [e + off for e in other.exit]
+        self.trained += other.trained
+        self.labels += other.labels
+        self.sequence += [s + seq_off for s in other.sequence]
+
+
+class _Node:
+    __slots__ = ("token", "children", "trained", "index")
+
+    def __init__(self, token: int):
+        self.token, self.children, self.trained, self.index = token, {}, False, -1
+
+
+def build_trie(prompt: Sequence[int], unit_list: Sequence[Unit], objective: Objective = "corrected") -> PackedTrie:
+    """Insert the main path and each thread unit, flatten depth first, set positions/labels/loss.
+
+    The main path is the last sequential unit's context + completion (the whole trajectory).
+    """
+    if not prompt:
+        raise ValueError("the prompt must hold at least one token (it roots the trie)")
+    seq_units = [u for u in unit_list if u.kind == "sequential"]
+    if not seq_units:
+        raise ValueError("a trajectory needs at least one sequential unit")
+    main = list(seq_units[-1].context) + list(seq_units[-1].completion)
+    root = _Node(prompt[0])
+    main_nodes = _insert(root, main)
+    if objective == "corrected":
+        for u in unit_list:
+            nodes = main_nodes if u.kind == "sequential" or u.thread == 1 else _insert(root, list(u.context) + list(u.completion))
+            start = len(u.context)
+            if nodes is main_nodes:
+                start = _locate(main, u)
+            for node in nodes[start:start + len(u.completion)]:
+                node.trained = True
+    else:
+        for u in unit_list:
+            if u.kind == "thread" and u.thread != 1:
+                _insert(root, list(u.context) + list(u.completion))
+    packed = _flatten(root)
+    if objective == "corrected":
+        for i, p in enumerate(packed.parent):
+            if packed.trained[i]:
+                if packed.labels[p] not in (IGNORE, packed.input_ids[i]):
+                    raise ValueError(f"two trained children of position {p} need different labels")
+                packed.labels[p] = packed.input_ids[i]
+    else:
+        # Official: loss on every response token of the flat sequence, label = next flat token.
+        n_prompt = len(prompt)
+        for i in range(len(packed) - 1):
+            if i + 1 >= n_prompt:
+                packed.trained[i + 1] = True
+                packed.labels[i] = packed.input_ids[i + 1]
+    return packed
+
+
+def _insert(root: _Node, tokens: Sequence[int]) -> list[_Node]:
+    if tokens[0] != root.token:
+        raise ValueError("every unit must start with the prompt")
+    path, node = [root], root
+    for t in tokens[1:]:
+        node = node.children.setdefault(t, _Node(t))
+        path.append(node)
+    return path
+
+
+def _locate(main: list[int], u: Unit) -> int:
+    """Start of ``u``'s completion on the main path (its context is a prefix of the main path)."""
+    n = len(u.context)
+    if main[:n] != list(u.context) or main[n:n + len(u.completion)] != list(u.completion):
+        raise ValueError(f"unit {u.kind} {u.block}/{u.thread} is not on the main path")
+    return n
+
+
+def _flatten(root: _Node) -> PackedTrie:
+    out = PackedTrie()
+    stack: list[tuple[_Node, int, int, bool]] = [(root, -1, 0, False)]
+    while stack:
+        node, parent, depth, done = stack.pop()
+        if done:
+            out.exit[node.index] = len(out) - 1
+            continue
+        node.index = len(out)
+        out.input_ids.append(node.token)
+        out.position_ids.append(depth)
+        out.parent.append(parent)
+        out.exit.append(node.index)
+        out.trained.append(node.trained)
+        out.labels.append(IGNORE)
+        out.sequence.append(0)
+        stack.append((node, parent, depth, True))
+        for child in reversed(list(node.children.values())):  # insertion order: main path first
+            stack.append((child, node.index, depth + 1, False))
+    return out
+
+
+def pack_trajectory(prompt: Sequence[int], traj: fmt.Trajectory, tokenizer,
+                    objective: Objective = "corrected") -> PackedTrie:
+    """Prompt + canonical trajectory → flattened trie (see `build_trie`)."""
+    return build_trie(prompt, units(prompt, traj, tokenizer), objective)
+
+
+def pack_rows(tries: Sequence[PackedTrie], max_tokens: int) -> list[PackedTrie]:
+    """Greedy first-fit packing of tries into rows of at most ``max_tokens`` positions."""
+    rows: list[PackedTrie] = []
+    for t in sorted(tries, key=len, reverse=True):
+        if len(t) > max_tokens:
+            raise ValueError(f"a trajectory of {len(t)} trie tokens exceeds the row budget {max_tokens}")
+        for row in rows:
+            if len(row) + len(t) <= max_tokens:
+                row.extend(t)
+                break
+        else:
+            row = PackedTrie()
+            row.extend(t)
+            rows.append(row)
+    return rows
+
+
+# --------------------------------------------------------------------------------------- masks
+def dense_mask(rows: Sequence[PackedTrie], dtype=None, length: int | None = None):
+    """Additive float mask ``[B, 1, L, L]``: 0 where query i may see key j (ancestor-or-self), else
+    ``finfo(dtype).min``. Causality and padding are included (a padding query sees only itself).
+    """
+    import torch
+
+    dtype = dtype or torch.float32
+    L = length or max(len(r) for r in rows)
+    exits = torch.full((len(rows), L), -1, dtype=torch.long)
+    for b, r in enumerate(rows):
+        exits[b, :len(r)] = torch.tensor(r.exit, dtype=torch.long)
+    q = torch.arange(L).view(1, L, 1)
+    k = torch.arange(L).view(1, 1, L)
+    allowed = (k <= q) & (q <= exits.unsqueeze(1))
+    allowed |= (q == k)  # padding rows attend to themselves: no empty softmax
+    mask = torch.zeros(len(rows), 1, L, L, dtype=dtype)
+    mask.masked_fill_(~allowed.unsqueeze(1), torch.finfo(dtype).min)
+    return mask
+
+
+def block_mask(rows: Sequence[PackedTrie], length: int | None = None, device: str = "cpu"):
+    """flex-attention ``BlockMask`` with the same rule as `dense_mask`, built from exit times (O(L))."""
+    import torch
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    L = length or max(len(r) for r in rows)
+    exits = torch.full((len(rows), L), -1, dtype=torch.long, device=device)
+    for b, r in enumerate(rows):
+        exits[b, :len(r)] = torch.tensor(r.exit, dtype=torch.long, device=device)
+
+    def ancestor(b, h, q, k):
+        return ((k <= q) & (q <= exits[b, k])) | (q == k)
+
+    return create_block_mask(ancestor, B=len(rows), H=None, Q_LEN=L, KV_LEN=L, device=device)
+
+
+def collate(rows: Sequence[PackedTrie], pad_id: int, length: int | None = None, dtype=None) -> dict:
+    """Tensors for ``model(**batch)``: ids, tree position ids, dense 4D mask, pre-shifted labels."""
+    import torch
+
+    L = length or max(len(r) for r in rows)
+    ids = torch.full((len(rows), L), pad_id, dtype=torch.long)
+    pos = torch.zeros((len(rows), L), dtype=torch.long)
+    labels = torch.full((len(rows), L), IGNORE, dtype=torch.long)
+    for b, r in enumerate(rows):
+        n = len(r)
+        ids[b, :n] = torch.tensor(r.input_ids)
+        pos[b, :n] = torch.tensor(r.position_ids)
+        labels[b, :n] = torch.tensor(r.labels)
+    return {"input_ids": ids, "position_ids": pos, "attention_mask": dense_mask(rows, dtype, L),
+            "shift_labels": labels}
+
+
+def trie_path(packed: PackedTrie, tokens: Sequence[int], root: int = 0) -> list[int]:
+    """Flat indices of ``tokens`` walked from the trajectory root at ``root`` (for checks and RL)."""
+    children: dict[tuple[int, int], int] = {}
+    for i, p in enumerate(packed.parent):
+        children.setdefault((p, packed.input_ids[i]), i)
+    if packed.input_ids[root] != tokens[0]:
+        raise ValueError("tokens do not start at this root")
+    path = [root]
+    for t in tokens[1:]:
+        path.append(children[(path[-1], t)])
+    return path
