@@ -49,45 +49,77 @@ def test_long_multiplication_lines_are_arithmetic(x, y):
         assert eval(head) == int(result), line
 
 
-def _check_expression_steps(problem):
+def _strip_keys(text: str) -> str:
+    return re.sub(r"[a-zA-Z]", "", text)
+
+
+def _check_expression_steps(problem, params):
+    """Every line's arithmetic is right, values stay in range; returns group name -> value."""
     values = {}
     for step in problem.plan.steps:
-        groups = step.groups if isinstance(step, Fork) else ()
-        for g in groups:
-            name, expr = g.lines[0].split("=", 1)
+        for g in (step.groups if isinstance(step, Fork) else ()):
+            if params.style == "rewrite":
+                name, expr = g.lines[0].split("=", 1)
+                current = eval(expr)
+                for line in g.lines[1:]:
+                    assert line.startswith("=") and eval(line[1:]) == current, (line, current)
+            else:
+                name = g.label
+                assert g.lines[0].startswith(f"{name}:") and g.lines[-1].startswith(f"{name}=")
+                running = None
+                for line in g.lines[:-1]:
+                    lhs, rhs = _strip_keys(line.removeprefix(f"{name}:")).split("=")
+                    if running is not None:  # each line continues from the total just written
+                        assert lhs.startswith(str(running)), (line, running)
+                    assert eval(lhs) == int(rhs), line
+                    assert 0 <= int(rhs) <= params.max_value
+                    running = int(rhs)
+                current = int(g.lines[-1].split("=")[1])
+                assert current == running
             assert name == g.label
-            current = eval(expr)
-            for line in g.lines[1:]:
-                assert line.startswith("=")
-                assert eval(line[1:]) == current, (line, current)  # each rewrite keeps the value
-                assert 0 <= int(line[1:].split("+")[0].split("-")[0]) <= EXPR.max_value
             values[name] = current
     return values
 
 
-@pytest.mark.parametrize("seed", range(5))
-def test_expression_problems_are_correct(seed):
+@pytest.mark.parametrize("style", ["keyed", "rewrite"])
+@pytest.mark.parametrize("seed", range(3))
+def test_expression_problems_are_correct(seed, style):
+    params = ExpressionParams(style=style)
     rng = random.Random(seed)
     for _ in range(60):
-        p = make_problem("expressions", rng, EXPR)
-        values = _check_expression_steps(p)
+        p = make_problem("expressions", rng, params)
+        values = _check_expression_steps(p, params)
         defs, final = p.question.split("\n")[:-1], p.question.split("\n")[-1]
+        keys = re.findall(r"[a-zA-Z]", "".join(d.split(":", 1)[1] for d in defs if ":" in d))
+        assert len(keys) == len(set(keys)) == (len(keys) if style == "keyed" else 0)  # unique operand keys
         for d in defs:
-            name, expr = d.split("=")
-            assert eval(expr) == values[name]
-            assert all(0 <= int(x) <= EXPR.max_leaf for x in re.findall(r"\d+", expr))
+            name, expr = re.split(r"[:=]", d, maxsplit=1)
+            assert eval(_strip_keys(expr)) == values[name]
+            assert all(0 <= int(x) <= params.max_leaf for x in re.findall(r"\d+", expr))
         gold = eval(final, {}, values)
         assert p.answer == str(gold)
-        assert 0 <= gold <= EXPR.max_value
+        assert 0 <= gold <= params.max_value
         if p.shape == "chain":
             assert len(values) == 1 and "<Parallel>" not in p.plan.parallel_text()
             assert p.plan.parallel_text() == p.plan.sequential_text()
         else:
-            assert EXPR.groups_min <= len(values) <= EXPR.groups_max
+            assert params.groups_min <= len(values) <= params.groups_max
             k = len(values)
             traj = fmt.parse(p.plan.parallel_text())
             assert [len(b.threads) for b in traj.blocks] == [k]
             assert [o.body for o in traj.blocks[0].outlines] == [f" {n}" for n in values]
+
+
+def test_keyed_lines_hand_computed():
+    from twlib.tasks.expressions import keyed_lines
+    assert keyed_lines("B", [9, 4, 2, 5], ["-", "+", "-"], "xyzw") == ["B:x9y-4=5", "5z+2=7", "7w-5=2", "B=2"]
+    assert keyed_lines("A", [6], [], "a") == ["A:a6=6", "A=6"]
+
+
+def test_keyed_style_rejects_too_many_numbers():
+    p = ExpressionParams(groups_min=6, groups_max=6, leaves_min=9, leaves_max=9, balanced_fraction=1.0)
+    with pytest.raises(ValueError, match="more operand keys"):
+        make_problem("expressions", random.Random(0), p)
 
 
 @pytest.mark.parametrize("family,params", [("expressions", EXPR), ("products", PROD),

@@ -319,6 +319,7 @@ class TrajectoriesConfig(StageConfig):
     expr_chain_leaves_max: int = 12
     expr_max_leaf: int = 9
     expr_max_value: int = 9
+    expr_style: str = "keyed"
     prod_factors_min: int = 3
     prod_factors_max: int = 4
     prod_factor_min: int = 2
@@ -345,6 +346,14 @@ class TrajectoriesConfig(StageConfig):
                     "must satisfy 1 <= expr_leaves_min <= expr_leaves_max")
         self._check(1 <= self.expr_chain_leaves_min <= self.expr_chain_leaves_max, "expr_chain_leaves_min",
                     "must satisfy 1 <= expr_chain_leaves_min <= expr_chain_leaves_max")
+        self._check(self.expr_style in ("keyed", "rewrite"), "expr_style", "must be 'keyed' or 'rewrite'")
+        if self.expr_style == "keyed":
+            from .tasks.expressions import key_symbols
+            keys = len(key_symbols(self.expr_groups_max))
+            self._check(self.expr_groups_max * self.expr_leaves_max <= keys, "expr_leaves_max",
+                        f"times expr_groups_max must be <= {keys} (one key letter per number)")
+            self._check(self.expr_chain_leaves_max <= len(key_symbols(1)), "expr_chain_leaves_max",
+                        f"must be <= {len(key_symbols(1))} (one key letter per number)")
         self._check(0 <= self.expr_max_leaf <= self.expr_max_value, "expr_max_leaf",
                     "must satisfy 0 <= expr_max_leaf <= expr_max_value")
         self._check(2 <= self.prod_factors_min <= self.prod_factors_max, "prod_factors_min",
@@ -365,7 +374,7 @@ class TrajectoriesConfig(StageConfig):
                 groups_max=self.expr_groups_max, leaves_min=self.expr_leaves_min,
                 leaves_max=self.expr_leaves_max, chain_leaves_min=self.expr_chain_leaves_min,
                 chain_leaves_max=self.expr_chain_leaves_max, max_leaf=self.expr_max_leaf,
-                max_value=self.expr_max_value),
+                max_value=self.expr_max_value, style=self.expr_style),
             "products": ProductParams(factors_min=self.prod_factors_min, factors_max=self.prod_factors_max,
                                       factor_min=self.prod_factor_min, factor_max=self.prod_factor_max),
         }

@@ -109,6 +109,9 @@ def build_trie(prompt: Sequence[int], unit_list: Sequence[Unit], objective: Obje
     """
     if not prompt:
         raise ValueError("the prompt must hold at least one token (it roots the trie)")
+    for u in unit_list:
+        if tuple(u.context[:len(prompt)]) != tuple(prompt):
+            raise ValueError(f"unit {u.kind} {u.block}/{u.thread} does not start with the prompt")
     seq_units = [u for u in unit_list if u.kind == "sequential"]
     if not seq_units:
         raise ValueError("a trajectory needs at least one sequential unit")

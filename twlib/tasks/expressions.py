@@ -2,17 +2,23 @@
 
 Shapes: ``balanced`` — k ≥ 2 independent sub-expressions of similar length, each evaluated in its
 own thread, then joined; ``chain`` — one long sub-expression, where forking cannot help and the
-parallel CoT stays sequential. Every step is local and small-valued: a line rewrites the previous
-one with its first operation done (values stay in [0, max_value]), so a tiny model can learn it,
-while threads of many steps keep the outline/tag overhead small next to the work they save.
+parallel CoT stays sequential (so *when* to fork is learnt).
 
-Example (balanced, k=2)::
+Every step is local and small-valued (values stay in [0, max_value]), so a tiny model can learn
+it, while threads of many steps keep the outline and tag overhead small next to the work they
+save. Two step styles:
 
-    question: A=3+4-2
-              B=9-5
-              A-B
-    sequential CoT: A=3+4-2 / =7-2 / =5 / B=9-5 / =4 / A-B / =5-4 / =1
-    parallel CoT:   block(thread 1: A=3+4-2 / =7-2 / =5, thread 2: B=9-5 / =4), then A-B / =5-4 / =1
+* ``keyed`` (default): each number in the question carries a key letter unique in the question;
+  a line writes the running total, then the next key and what follows it in the question::
+
+      question: A:a3b+4c-2        thread: A:a3b+4=7 / 7c-2=5 / A=5
+                B:d9e-5                   B:d9e-5=4 / B=4
+                A-B               join:   A-B / =5-4 / =1
+
+  Reading an operand is then a lookup by a unique key (copy what follows it — what small
+  transformers learn first), not a copy of digit strings where every digit repeats.
+* ``rewrite``: each line rewrites the previous one with its first operation done
+  (``A=3+4-2 / =7-2 / =5``); kept for comparison: its copies of digit runs are slow to learn.
 """
 from __future__ import annotations
 
@@ -35,6 +41,42 @@ class ExpressionParams:
     chain_leaves_max: int = 12
     max_leaf: int = 9
     max_value: int = 9
+    style: str = "keyed"  # "keyed" (running total, keyed operands) or "rewrite"
+
+
+def key_symbols(n_groups: int) -> str:
+    """Operand keys, unique across a question: lowercase, then the uppercase letters no group uses."""
+    return string.ascii_lowercase + string.ascii_uppercase[n_groups:]
+
+
+def keyed_terms(leaves: list[int], ops: list[str], keys: str) -> str:
+    """The question's form of a group: each number after its key, the operator in between.
+
+    >>> keyed_terms([3, 4, 2], ["+", "-"], "abc")
+    'a3b+4c-2'
+    """
+    return f"{keys[0]}{leaves[0]}" + "".join(f"{k}{op}{x}" for k, op, x in zip(keys[1:], ops, leaves[1:]))
+
+
+def keyed_lines(name: str, leaves: list[int], ops: list[str], keys: str) -> list[str]:
+    """Running total with keyed operands, one operation per line, then the group's value.
+
+    >>> keyed_lines("A", [3, 4, 2], ["+", "-"], "abc")
+    ['A:a3b+4=7', '7c-2=5', 'A=5']
+
+    A line writes the total so far, then the next key and what follows that key in the question
+    (a lookup by a unique key), then the one-digit result.
+    """
+    value = leaves[0]
+    first = f"{name}:{keys[0]}{leaves[0]}"
+    lines = []
+    for i, (op, x) in enumerate(zip(ops, leaves[1:]), start=1):
+        new = value + x if op == "+" else value - x
+        lines.append((first if i == 1 else str(value)) + f"{keys[i]}{op}{x}={new}")
+        value = new
+    if not ops:
+        lines.append(f"{first}={value}")
+    return lines + [f"{name}={value}"]
 
 
 def _chain(rng: random.Random, n_leaves: int, max_leaf: int, max_value: int) -> tuple[list[int], list[str]]:
@@ -66,6 +108,13 @@ def rewrite_lines(values: list[int], ops: list[str]) -> list[str]:
     return lines
 
 
+def _evaluate(leaves: list[int], ops: list[str]) -> int:
+    value = leaves[0]
+    for op, x in zip(ops, leaves[1:]):
+        value = value + x if op == "+" else value - x
+    return value
+
+
 def _join_ops(rng: random.Random, values: list[int], max_value: int) -> list[str] | None:
     ops, acc = [], values[0]
     for v in values[1:]:
@@ -89,12 +138,21 @@ def make_expression_problem(rng: random.Random, p: ExpressionParams) -> Problem:
             k, sizes = 1, [rng.randint(p.chain_leaves_min, p.chain_leaves_max)]
         names = list(string.ascii_uppercase[:k])
         groups, values, defs = [], [], []
+        keys = key_symbols(k)
+        if p.style == "keyed" and sum(sizes) > len(keys):
+            raise ValueError(f"{sum(sizes)} numbers need more operand keys than the {len(keys)} available")
         for name, n in zip(names, sizes):
             leaves, ops = _chain(rng, n, p.max_leaf, p.max_value)
-            head = f"{name}={_expr([str(x) for x in leaves], ops)}"
-            lines = rewrite_lines(leaves, ops)
-            groups.append(Group(name, (head, *lines)))
-            values.append(int(lines[-1][1:]) if lines else leaves[0])
+            if p.style == "keyed":
+                own, keys = keys[:n], keys[n:]
+                head = f"{name}:{keyed_terms(leaves, ops, own)}"
+                lines = keyed_lines(name, leaves, ops, own)
+                groups.append(Group(name, tuple(lines)))
+            else:
+                head = f"{name}={_expr([str(x) for x in leaves], ops)}"
+                lines = [head] + rewrite_lines(leaves, ops)
+                groups.append(Group(name, tuple(lines)))
+            values.append(_evaluate(leaves, ops))
             defs.append(head)
         if k == 1:
             return Problem("\n".join(defs + [names[0]]), str(values[0]), "expressions", "chain",
