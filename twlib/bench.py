@@ -1,5 +1,8 @@
 """Benchmarks: ``python -m twlib.bench <name> --params FILE`` prints one JSON line per result.
 
+``trie``: tokens per trajectory for the trie, expanded units and the official flattening, and
+SFT throughput trie vs expanded units, side by side in one run (needs notebook 01's data).
+
 ``data``: per task family (and per shape): examples, mean sequential vs parallel tokens, mean
 critical path, mean ideal speedup (sequential total / parallel critical path), activation rate,
 and segment-wise tokenisation drift with the tiny tokenizer and with the Qwen vocabulary.
@@ -10,6 +13,7 @@ import argparse
 import json
 import sys
 import time
+from pathlib import Path
 from typing import Callable, Iterator
 
 from . import config
@@ -59,7 +63,89 @@ def bench_data(profile: config.Profile) -> Iterator[dict]:
         yield {**common, **row}
 
 
-BENCHES: dict[str, Callable[[config.Profile], Iterator[dict]]] = {"data": bench_data}
+def _time_training(model, batches, repeats: int = 1) -> float:
+    """Seconds for forward + backward over ``batches`` (after one warm-up batch)."""
+    import torch
+
+    def step(batch):
+        out = model(**{k: v for k, v in batch.items() if k != "shift_labels"})
+        out.loss.backward()
+        model.zero_grad(set_to_none=True)
+
+    step(batches[0])
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        for batch in batches:
+            step(batch)
+    return (time.perf_counter() - t0) / repeats
+
+
+def bench_trie(profile: config.Profile, n_trajectories: int = 48, row_tokens: int = 2048) -> Iterator[dict]:
+    """Tokens per trajectory: trie vs expanded units vs the official flattening; SFT throughput."""
+    import torch
+
+    from . import models, trie
+    from .data import load_parquet
+    from .sft import dataset_examples
+    from .tokenizer import build_char_tokenizer, prompt_ids
+
+    cfg = profile.stage_config("01_trajectories")
+    folder = config_root(profile) / "01_trajectories" / "data"
+    ds = load_parquet(folder)["train"]
+    parallel = [r for r in dataset_examples(ds, parallel=True) if "<Parallel>" in r["text"]][:n_trajectories]
+    tok = build_char_tokenizer()
+    tries, expanded = [], []
+    official = 0
+    for ex in parallel:
+        prompt = prompt_ids(tok, ex["question"])
+        from . import format as fmt
+        units = trie.units(prompt, fmt.parse(ex["text"]), tok)
+        tries.append(trie.build_trie(prompt, units))
+        official += len(trie.build_trie(prompt, units, "official"))
+        expanded.extend(units)
+    n = len(parallel)
+    trie_tokens = sum(len(t) for t in tries)
+    expanded_tokens = sum(len(u.context) + len(u.completion) for u in expanded)
+    yield {"bench": "trie", "profile": profile.name, "trajectories": n,
+           "trie_tokens_per_trajectory": round(trie_tokens / n, 1),
+           "expanded_tokens_per_trajectory": round(expanded_tokens / n, 1),
+           "official_tokens_per_trajectory": round(official / n, 1),
+           "trie_over_expanded": round(trie_tokens / expanded_tokens, 3)}
+
+    torch.manual_seed(cfg.seed)
+    model = models.build_tiny_model(tok, models.TinyModelSpec())
+    rows = trie.pack_rows(tries, row_tokens)
+    trie_batches = [trie.collate([r], tok.pad_token_id) for r in rows]
+    for b in trie_batches:
+        b["labels"] = b["shift_labels"]
+    unit_batches = []
+    for i in range(0, len(expanded), 8):
+        chunk = expanded[i:i + 8]
+        L = max(len(u.context) + len(u.completion) for u in chunk)
+        ids = torch.full((len(chunk), L), tok.pad_token_id)
+        labels = torch.full((len(chunk), L), -100)
+        mask = torch.zeros((len(chunk), L), dtype=torch.long)
+        for j, u in enumerate(chunk):
+            seq = list(u.context) + list(u.completion)
+            ids[j, :len(seq)] = torch.tensor(seq)
+            labels[j, len(u.context):len(seq)] = torch.tensor(u.completion)
+            mask[j, :len(seq)] = 1
+        unit_batches.append({"input_ids": ids, "attention_mask": mask, "labels": labels})
+    t_trie = _time_training(model, trie_batches)
+    t_units = _time_training(model, unit_batches)
+    yield {"bench": "trie_sft_throughput", "profile": profile.name, "trajectories": n,
+           "trie_trajectories_per_s": round(n / t_trie, 2), "expanded_trajectories_per_s": round(n / t_units, 2),
+           "trie_speedup": round(t_units / t_trie, 2), "trie_rows": len(rows), "expanded_sequences": len(expanded)}
+
+
+def config_root(profile: config.Profile):
+    from .runs import project_root
+
+    root = Path(profile.output_root)
+    return (root if root.is_absolute() else project_root() / root) / profile.name
+
+
+BENCHES: dict[str, Callable[[config.Profile], Iterator[dict]]] = {"data": bench_data, "trie": bench_trie}
 
 
 def main(argv: list[str] | None = None) -> int:

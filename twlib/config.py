@@ -313,8 +313,8 @@ class TrajectoriesConfig(StageConfig):
     expr_balanced_fraction: float = 0.75
     expr_groups_min: int = 3
     expr_groups_max: int = 4
-    expr_leaves_min: int = 7
-    expr_leaves_max: int = 8
+    expr_leaves_min: int = 9
+    expr_leaves_max: int = 10
     expr_chain_leaves_min: int = 6
     expr_chain_leaves_max: int = 12
     expr_max_leaf: int = 9

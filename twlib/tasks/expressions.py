@@ -35,8 +35,8 @@ class ExpressionParams:
     balanced_fraction: float = 0.75
     groups_min: int = 3
     groups_max: int = 4
-    leaves_min: int = 7
-    leaves_max: int = 8
+    leaves_min: int = 9
+    leaves_max: int = 10
     chain_leaves_min: int = 6
     chain_leaves_max: int = 12
     max_leaf: int = 9
