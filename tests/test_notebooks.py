@@ -145,3 +145,27 @@ def test_pipeline_skips_complete_stage(smoke_outputs, tmp_path, capsys):
     assert pipeline.main([str(params)]) == 0
     assert "skip" in capsys.readouterr().out.lower()
     assert (folder / "01_trajectories" / "metrics.json").read_text() == before
+
+
+@pytest.mark.notebooks
+def test_notebook_02_smoke(smoke_outputs):
+    folder, spec = smoke_outputs
+    stage = folder / "02_trie_sft"
+    params = spec["02_trie_sft"]
+    metrics = json.loads((stage / "metrics.json").read_text())
+    assert metrics["status"] == "complete"
+    for kind in ("sequential", "parallel"):
+        m = metrics["metrics"][kind]
+        assert m["steps"] == params["max_steps"] and m["final_loss"] > 0 and m["trained_tokens"] > 0
+        assert m["trajectories"] == spec["01_trajectories"]["n_train"]
+        from twlib.models import load_model
+        from twlib.tokenizer import load_tokenizer, prompt_ids
+        model, tok = load_model(stage / f"{kind}_model"), load_tokenizer(stage / f"{kind}_model")
+        import torch
+        logits = model(input_ids=torch.tensor([prompt_ids(tok, "A:a1b+2\nA")])).logits
+        assert torch.isfinite(logits).all() and model.config.hidden_size == params["hidden_size"]
+        assert (stage / f"{kind}_checkpoints" / f"checkpoint-{params['max_steps']}").is_dir()
+    history = json.loads((stage / "loss_history.json").read_text())
+    assert [r["step"] for r in history["parallel"]] == list(range(1, params["max_steps"] + 1))
+    for fig in ("trie_masks.png", "loss_curves.png"):
+        assert (stage / fig).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -84,6 +84,7 @@ def bench_trie(profile: config.Profile, n_trajectories: int = 48, row_tokens: in
     """Tokens per trajectory: trie vs expanded units vs the official flattening; SFT throughput."""
     import torch
 
+    from . import format as fmt
     from . import models, trie
     from .data import load_parquet
     from .sft import dataset_examples
@@ -98,7 +99,6 @@ def bench_trie(profile: config.Profile, n_trajectories: int = 48, row_tokens: in
     official = 0
     for ex in parallel:
         prompt = prompt_ids(tok, ex["question"])
-        from . import format as fmt
         units = trie.units(prompt, fmt.parse(ex["text"]), tok)
         tries.append(trie.build_trie(prompt, units))
         official += len(trie.build_trie(prompt, units, "official"))

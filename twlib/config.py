@@ -379,3 +379,58 @@ class TrajectoriesConfig(StageConfig):
                                       factor_min=self.prod_factor_min, factor_max=self.prod_factor_max),
         }
         return TaskMix(list(self.families), list(self.family_weights), params)
+
+
+@register_stage
+@dataclass(frozen=True, kw_only=True)
+class TrieSFTConfig(StageConfig):
+    """Parameters of notebooks/02_trie_sft.ipynb (model size, optimiser, packing, objective)."""
+
+    stage: ClassVar[str] = "02_trie_sft"
+
+    hidden_size: int = 128
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    intermediate_size: int = 512
+    max_steps: int = 600
+    batch_rows: int = 4
+    row_tokens: int = 1024
+    learning_rate: float = 3e-3
+    warmup_steps: int = 30
+    logging_steps: int = 25
+    save_steps: int = 200
+    objective: str = "corrected"
+    train_sequential: bool = True
+    train_parallel: bool = True
+    example_index: int = 0
+
+    def validate(self) -> None:
+        from .models import VLLM_CPU_HEAD_DIMS
+
+        for name in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size",
+                     "max_steps", "batch_rows", "row_tokens", "logging_steps", "save_steps"):
+            self._check(getattr(self, name) >= 1, name, "must be >= 1")
+        self._check(self.hidden_size % self.num_heads == 0, "num_heads", "must divide hidden_size")
+        self._check(self.num_heads % self.num_kv_heads == 0, "num_kv_heads", "must divide num_heads")
+        self._check(self.hidden_size // self.num_heads in VLLM_CPU_HEAD_DIMS, "num_heads",
+                    f"must give a head size hidden_size/num_heads in {VLLM_CPU_HEAD_DIMS}")
+        self._check(self.learning_rate > 0, "learning_rate", "must be > 0")
+        self._check(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
+        self._check(self.objective in ("corrected", "official"), "objective", "must be 'corrected' or 'official'")
+        self._check(self.train_sequential or self.train_parallel, "train_parallel",
+                    "or train_sequential must be true")
+        self._check(self.example_index >= 0, "example_index", "must be >= 0")
+
+    def model_spec(self):
+        from .models import TinyModelSpec
+
+        return TinyModelSpec(hidden_size=self.hidden_size, num_layers=self.num_layers, num_heads=self.num_heads,
+                             num_kv_heads=self.num_kv_heads, intermediate_size=self.intermediate_size)
+
+    def train_settings(self):
+        from .sft import TrainSettings
+
+        return TrainSettings(max_steps=self.max_steps, per_device_train_batch_size=self.batch_rows,
+                             learning_rate=self.learning_rate, warmup_steps=self.warmup_steps,
+                             logging_steps=self.logging_steps, save_steps=self.save_steps, seed=self.seed)

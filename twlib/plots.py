@@ -49,3 +49,46 @@ def ideal_speedup_hist(df):
            title="Per-problem ideal speedup")
     fig.tight_layout()
     return fig
+
+
+def trie_masks(corrected, official, start: int = 0, stop: int | None = None):
+    """Ancestor-only attention mask of one flattened trie under both objectives, side by side.
+
+    Cells: 0 blocked, 1 allowed, 2 allowed in a row whose output carries loss. The mask is the same;
+    the objectives differ in which rows are trained and what they predict.
+    """
+    import numpy as np
+
+    plt, sns = _setup()
+    stop = len(corrected) if stop is None else stop
+    n = stop - start
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5.5), sharey=True)
+    for ax, packed, title in ((axes[0], corrected, "corrected: each token once, from its trie parent"),
+                              (axes[1], official, "official: flat-order labels, threads 2..K twice")):
+        grid = np.zeros((n, n))
+        for qi in range(n):
+            q = start + qi
+            trained_row = packed.labels[q] != -100
+            for ki in range(qi + 1):
+                k = start + ki
+                if k <= q <= packed.exit[k]:
+                    grid[qi, ki] = 2 if trained_row else 1
+        sns.heatmap(grid, ax=ax, cmap=sns.color_palette(["white", "#9ecae1", "#08519c"], as_cmap=True),
+                    cbar=False, square=True, xticklabels=False, yticklabels=False)
+        ax.set(title=title, xlabel=f"key (flat index {start}..{stop - 1})", ylabel="query")
+    fig.tight_layout()
+    return fig
+
+
+def loss_curves(histories: dict):
+    """Training loss and learning rate per step for each model (``{"name": loss_history DataFrame}``)."""
+    plt, sns = _setup()
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    for name, df in histories.items():
+        if len(df):
+            sns.lineplot(x=df["step"], y=df["loss"], ax=ax1, label=name)
+            sns.lineplot(x=df["step"], y=df["learning_rate"], ax=ax2, label=name)
+    ax1.set(yscale="log", xlabel="step", ylabel="training loss (nats/token)", title="SFT loss")
+    ax2.set(xlabel="step", ylabel="learning rate", title="Schedule")
+    fig.tight_layout()
+    return fig

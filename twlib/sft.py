@@ -137,3 +137,34 @@ def loss_history(log: list[dict]):
     rows = [{"step": r["step"], "loss": r["loss"], "learning_rate": r.get("learning_rate")}
             for r in log if "loss" in r]
     return pd.DataFrame(rows)
+
+
+def train_model(kind: str, cfg, tokenizer, train_ds, run) -> dict:
+    """Train the ``"parallel"`` or ``"sequential"`` model of notebook 02 end to end.
+
+    Checkpoints go to ``<run>/<kind>_checkpoints`` (an interrupted run resumes from the newest);
+    the final model to ``<run>/<kind>_model`` (HF format, loadable by transformers and vLLM).
+    Returns ``{"log", "model_path", "parameters", "rows", "trajectories", "trained_tokens"}``.
+    """
+    from .models import build_tiny_model, count_parameters, save_model
+
+    examples = dataset_examples(train_ds, parallel=kind == "parallel")
+    objective = cfg.objective if kind == "parallel" else "corrected"
+    rows = rows_dataset(trajectory_tries(examples, tokenizer, objective), cfg.row_tokens)
+    model = build_tiny_model(tokenizer, cfg.model_spec(), seed=cfg.seed)
+    trainer = make_trainer(model, tokenizer, rows, run.path(f"{kind}_checkpoints"), cfg.train_settings())
+    with run.timer(f"train_{kind}"):
+        log = train(trainer)
+    path = save_model(model, tokenizer, run.path(f"{kind}_model"), overwrite=True)
+    trained = sum(sum(1 for lab in r if lab != IGNORE) for r in rows["labels"])
+    return {"log": log, "model_path": str(path), "parameters": count_parameters(model), "rows": len(rows),
+            "trajectories": len(examples), "trained_tokens": trained}
+
+
+def example_with_block(ds, index: int = 0) -> dict:
+    """The shortest parallel CoT with a block among the 20 rows from ``index`` (for drawing a trie)."""
+    rows = [r for r in ds.select(range(index, min(len(ds), index + 20))) if r["num_blocks"] > 0]
+    if not rows:
+        raise ValueError(f"no parallel trajectory among training rows {index}..{index + 19}")
+    row = min(rows, key=lambda r: r["par_total_tokens"])
+    return {"question": row["question"], "text": row["completion"][0]["content"]}

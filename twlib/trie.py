@@ -275,3 +275,18 @@ def trie_path(packed: PackedTrie, tokens: Sequence[int], root: int = 0) -> list[
     for t in tokens[1:]:
         path.append(children[(path[-1], t)])
     return path
+
+
+def table(packed: PackedTrie, tokenizer, start: int = 0, stop: int | None = None):
+    """The flattened trie as a pandas table: token, position id, parent, exit, trained, label."""
+    import pandas as pd
+
+    stop = len(packed) if stop is None else stop
+    rows = []
+    for i in range(start, stop):
+        label = packed.labels[i]
+        rows.append({"flat": i, "token": tokenizer.convert_ids_to_tokens(packed.input_ids[i]),
+                     "position": packed.position_ids[i], "parent": packed.parent[i], "exit": packed.exit[i],
+                     "trained": packed.trained[i],
+                     "predicts": "" if label == IGNORE else tokenizer.convert_ids_to_tokens(label)})
+    return pd.DataFrame(rows).set_index("flat")
