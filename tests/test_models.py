@@ -117,6 +117,20 @@ def test_spec_validation():
     TinyModelSpec(hidden_size=128, num_heads=4, num_kv_heads=4)  # fine
     with pytest.raises(ValueError, match="head size .* = 8 cannot run on vLLM for CPU"):
         TinyModelSpec(hidden_size=32, num_heads=4, num_kv_heads=4)
+    with pytest.raises(ValueError, match="qk_norm_init must be > 0"):
+        TinyModelSpec(qk_norm_init=0.0)
+
+
+def test_qk_norm_init_and_rope_theta_reach_the_model(char_tok, tmp_path):
+    spec = TinyModelSpec(hidden_size=64, num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=128,
+                         qk_norm_init=1.5, rope_theta=1e6)
+    model = build_tiny_model(char_tok, spec)
+    for layer in model.model.layers:
+        assert torch.all(layer.self_attn.q_norm.weight == 1.5) and torch.all(layer.self_attn.k_norm.weight == 1.5)
+    save_model(model, char_tok, tmp_path / "m")
+    again = load_model(tmp_path / "m")
+    assert torch.all(again.model.layers[1].self_attn.k_norm.weight == 1.5)
+    assert again.config.rope_parameters["rope_theta"] == 1e6
 
 
 # -------------------------------------------------------------------------- tags on the Qwen vocab

@@ -8,7 +8,7 @@ import nbformat
 import pytest
 import yaml
 
-from twlib import config, data
+from twlib import config, data, sft
 from twlib import format as fmt
 from twlib import pipeline
 
@@ -115,12 +115,15 @@ def test_notebook_01_smoke(smoke_outputs):
     metrics = json.loads((stage / "metrics.json").read_text())
     assert metrics["status"] == "complete" and metrics["params"]["n_test"] == params["n_test"]
     assert metrics["metrics"]["drifted_rows"] == 0
-    assert metrics["metrics"]["examples"] == {"train": params["n_train"], "validation": params["n_validation"],
-                                              "test": params["n_test"]}
+    assert metrics["metrics"]["examples"] == {"train": params["n_train"] + params["n_train_short"],
+                                              "validation": params["n_validation"], "test": params["n_test"]}
     for key in ("git_sha", "packages", "device", "timings"):
         assert key in metrics
     dsd = data.load_parquet(stage / "data")
     questions = {s: set(dsd[s]["question"]) for s in dsd}
+    shapes = {s: set(dsd[s]["shape"]) for s in dsd}
+    assert {"short-balanced", "short-chain"} & shapes["train"] and not any(
+        sh.startswith("short-") for sh in shapes["validation"] | shapes["test"])
     assert not (questions["train"] & questions["test"]) and not (questions["train"] & questions["validation"])
     for row in dsd["test"]:
         traj = fmt.parse(row["completion"][0]["content"])
@@ -157,13 +160,16 @@ def test_notebook_02_smoke(smoke_outputs):
     for kind in ("sequential", "parallel"):
         m = metrics["metrics"][kind]
         assert m["steps"] == params["max_steps"] and m["final_loss"] > 0 and m["trained_tokens"] > 0
-        assert m["trajectories"] == spec["01_trajectories"]["n_train"]
+        assert m["trajectories"] == spec["01_trajectories"]["n_train"] + spec["01_trajectories"]["n_train_short"]
         from twlib.models import load_model
         from twlib.tokenizer import load_tokenizer, prompt_ids
         model, tok = load_model(stage / f"{kind}_model"), load_tokenizer(stage / f"{kind}_model")
         import torch
-        logits = model(input_ids=torch.tensor([prompt_ids(tok, "A:a1b+2\nA")])).logits
+        logits = model(input_ids=torch.tensor([prompt_ids(tok, "a1+b2*c3")])).logits
         assert torch.isfinite(logits).all() and model.config.hidden_size == params["hidden_size"]
+        validation = data.load_parquet(folder / "01_trajectories" / "data")["validation"]
+        reproduced = sft.reference_match(model, tok, sft.dataset_examples(validation, parallel=kind == "parallel"))
+        assert m["validation_reproduced"] == pytest.approx(sum(reproduced) / len(reproduced))
         assert (stage / f"{kind}_checkpoints" / f"checkpoint-{params['max_steps']}").is_dir()
     history = json.loads((stage / "loss_history.json").read_text())
     assert [r["step"] for r in history["parallel"]] == list(range(1, params["max_steps"] + 1))

@@ -16,7 +16,7 @@ SPEC = models.TinyModelSpec(hidden_size=64, num_layers=2, num_heads=2, num_kv_he
 
 def _examples(n: int, parallel: bool = True, seed: int = 0):
     rng = random.Random(seed)
-    params = ExpressionParams(groups_min=2, groups_max=3, leaves_min=2, leaves_max=4, balanced_fraction=0.8)
+    params = ExpressionParams(groups_min=2, groups_max=3, repeats_min=2, repeats_max=4, balanced_fraction=0.8)
     problems = [make_problem("expressions", rng, params) for _ in range(n)]
     return [{"question": p.question, "text": p.plan.parallel_text() if parallel else p.plan.sequential_text()}
             for p in problems]
@@ -84,3 +84,28 @@ def test_resume_reproduces_an_uninterrupted_run(tmp_path):
         assert torch.allclose(a, b, atol=1e-5)
     history = sft.loss_history(log)
     assert list(history.columns) == ["step", "loss", "learning_rate"] and (history.loss > 0).all()
+
+
+def _greedy(model, context, n: int) -> list[int]:
+    ids = list(context)
+    with torch.no_grad():
+        for _ in range(n):
+            ids.append(int(model(input_ids=torch.tensor([ids])).logits[0, -1].argmax()))
+    return ids[len(context):]
+
+
+def test_reference_match_is_greedy_decoding_unit_by_unit(tmp_path):
+    examples = _examples(2, parallel=True, seed=3)
+    rows = sft.rows_dataset(sft.trajectory_tries(examples, TOK), max_tokens=4096)
+    model = models.build_tiny_model(TOK, SPEC, seed=0)
+    settings = sft.TrainSettings(max_steps=150, learning_rate=1e-2, warmup_steps=0, save_steps=1000,
+                                 lr_scheduler_type="constant", logging_steps=50)
+    sft.train(sft.make_trainer(model, TOK, rows, tmp_path, settings))
+    candidates = examples + _examples(2, parallel=True, seed=4)
+    matched = sft.reference_match(model, TOK, candidates, batch_size=3)
+    assert matched == [True, True, False, False]  # the two memorised trajectories, not two unseen ones
+    model.eval()
+    for ex, m in zip(candidates, matched):
+        prompt = tokenizers.prompt_ids(TOK, ex["question"])
+        unit_list = trie.units(prompt, fmt.parse(ex["text"]), TOK)
+        assert m == all(_greedy(model, u.context, len(u.completion)) == list(u.completion) for u in unit_list)

@@ -7,7 +7,7 @@ import pytest
 from twlib import format as fmt
 from twlib.tasks import (ExpressionParams, Fork, ProductParams, TaskMix, check_disjoint, generate_splits,
                          make_problem, split_of)
-from twlib.tasks.expressions import rewrite_lines
+from twlib.tasks.expressions import evaluate_question, group_keys, group_lines, join_lines
 from twlib.tasks.products import add_line, multiplication_lines, times_digit_line
 
 EXPR = ExpressionParams()
@@ -23,10 +23,12 @@ def _content_lines(text: str) -> list[str]:
     return [ln for ln in text.splitlines() if ln.strip()]
 
 
-def test_rewrite_lines_hand_computed():
-    assert rewrite_lines([3, 4, 2], ["+", "-"]) == ["=7-2", "=5"]
-    assert rewrite_lines([9, 9, 1], ["-", "+"]) == ["=0+1", "=1"]
-    assert rewrite_lines([5], []) == []
+def test_expression_lines_hand_computed():
+    assert group_lines(1, 9, 8, 3) == (["d9+e8*f3", "3:9+8=7", "2:7+8=5", "1:5+8=3", "B3"], 3)
+    assert group_lines(0, 0, 5, 1) == (["a0+b5*c1", "1:0+5=5", "A5"], 5)
+    assert join_lines([3, 5, 5, 9]) == ["A3+B5=8", "8+C5=3", "3+D9=2"]
+    assert group_keys(7) == "vwx"
+    assert evaluate_question("a9+b8*c3\nd2+e2*f2") == (9 + 24 + 2 + 4) % 10
 
 
 def test_long_multiplication_hand_computed():
@@ -49,77 +51,68 @@ def test_long_multiplication_lines_are_arithmetic(x, y):
         assert eval(head) == int(result), line
 
 
-def _strip_keys(text: str) -> str:
-    return re.sub(r"[a-zA-Z]", "", text)
+def _check_group(lines, label, index, previous=None):
+    """Definition, a countdown of correct additions mod 10, the value; returns the value."""
+    keys = group_keys(index)
+    start = "([A-Z])" if previous is not None else "(\\d)"
+    m = re.fullmatch(rf"{keys[0]}{start}\+{keys[1]}(\d)\*{keys[2]}(\d)", lines[0])
+    assert m, lines[0]
+    if previous is not None:
+        assert m.group(1) == chr(ord(label) - 1)
+    value = previous if previous is not None else int(m.group(1))
+    step, repeats = int(m.group(2)), int(m.group(3))
+    assert len(lines) == repeats + 2
+    for left, line in zip(range(repeats, 0, -1), lines[1:-1]):
+        assert line == f"{left}:{value}+{step}={(value + step) % 10}"
+        value = (value + step) % 10
+    assert lines[-1] == f"{label}{value}"
+    return value
 
 
-def _check_expression_steps(problem, params):
-    """Every line's arithmetic is right, values stay in range; returns group name -> value."""
-    values = {}
-    for step in problem.plan.steps:
-        for g in (step.groups if isinstance(step, Fork) else ()):
-            if params.style == "rewrite":
-                name, expr = g.lines[0].split("=", 1)
-                current = eval(expr)
-                for line in g.lines[1:]:
-                    assert line.startswith("=") and eval(line[1:]) == current, (line, current)
-            else:
-                name = g.label
-                assert g.lines[0].startswith(f"{name}:") and g.lines[-1].startswith(f"{name}=")
-                running = None
-                for line in g.lines[:-1]:
-                    lhs, rhs = _strip_keys(line.removeprefix(f"{name}:")).split("=")
-                    if running is not None:  # each line continues from the total just written
-                        assert lhs.startswith(str(running)), (line, running)
-                    assert eval(lhs) == int(rhs), line
-                    assert 0 <= int(rhs) <= params.max_value
-                    running = int(rhs)
-                current = int(g.lines[-1].split("=")[1])
-                assert current == running
-            assert name == g.label
-            values[name] = current
-    return values
-
-
-@pytest.mark.parametrize("style", ["keyed", "rewrite"])
 @pytest.mark.parametrize("seed", range(3))
-def test_expression_problems_are_correct(seed, style):
-    params = ExpressionParams(style=style)
+def test_expression_problems_are_correct(seed):
     rng = random.Random(seed)
-    for _ in range(60):
-        p = make_problem("expressions", rng, params)
-        values = _check_expression_steps(p, params)
-        defs, final = p.question.split("\n")[:-1], p.question.split("\n")[-1]
-        keys = re.findall(r"[a-zA-Z]", "".join(d.split(":", 1)[1] for d in defs if ":" in d))
-        assert len(keys) == len(set(keys)) == (len(keys) if style == "keyed" else 0)  # unique operand keys
-        for d in defs:
-            name, expr = re.split(r"[:=]", d, maxsplit=1)
-            assert eval(_strip_keys(expr)) == values[name]
-            assert all(0 <= int(x) <= params.max_leaf for x in re.findall(r"\d+", expr))
-        gold = eval(final, {}, values)
-        assert p.answer == str(gold)
-        assert 0 <= gold <= params.max_value
+    orders, shapes = set(), set()
+    for _ in range(80):
+        p = make_problem("expressions", rng, EXPR)
+        orders.add(p.question.split("\n")[0][0])
+        shapes.add(p.shape)
+        assert p.answer == str(evaluate_question(p.question))
+        keys = re.findall(r"[a-z]", p.question)
+        assert len(keys) == len(set(keys))  # every number is read after a key used once
+        k = len(p.question.split("\n"))
+        assert EXPR.groups_min <= k <= EXPR.groups_max
         if p.shape == "chain":
-            assert len(values) == 1 and "<Parallel>" not in p.plan.parallel_text()
-            assert p.plan.parallel_text() == p.plan.sequential_text()
+            (lines,) = p.plan.steps
+            bounds = [i + 1 for i, ln in enumerate(lines) if re.fullmatch(r"[A-Z]\d", ln)]
+            chunks = [lines[a:b] for a, b in zip([0] + bounds[:-1], bounds)]
+            assert len(chunks) == k and sorted(p.question.split("\n")) == sorted(c[0] for c in chunks)
+            value = None
+            for i, chunk in enumerate(chunks):
+                value = _check_group(chunk, chr(ord("A") + i), i, value)
+                if i == 0:
+                    assert re.fullmatch(r"a\d.*", chunk[0])
+            assert p.answer == str(value)
+            assert p.plan.parallel_text() == p.plan.sequential_text() and "<Parallel>" not in p.plan.parallel_text()
         else:
-            assert params.groups_min <= len(values) <= params.groups_max
-            k = len(values)
+            groups = p.plan.steps[0].groups
+            values = [_check_group(g.lines, g.label, i) for i, g in enumerate(groups)]
+            assert sorted(p.question.split("\n")) == sorted(g.lines[0] for g in groups)
+            assert p.answer == str(sum(values) % 10)
+            assert p.plan.steps[1] == tuple(join_lines(values))
             traj = fmt.parse(p.plan.parallel_text())
             assert [len(b.threads) for b in traj.blocks] == [k]
-            assert [o.body for o in traj.blocks[0].outlines] == [f" {n}" for n in values]
+            assert [o.body for o in traj.blocks[0].outlines] == [f" {g.label}" for g in groups]
+    assert orders >= {"a", "d", "g"} and shapes == {"balanced", "chain"}
 
 
-def test_keyed_lines_hand_computed():
-    from twlib.tasks.expressions import keyed_lines
-    assert keyed_lines("B", [9, 4, 2, 5], ["-", "+", "-"], "xyzw") == ["B:x9y-4=5", "5z+2=7", "7w-5=2", "B=2"]
-    assert keyed_lines("A", [6], [], "a") == ["A:a6=6", "A=6"]
-
-
-def test_keyed_style_rejects_too_many_numbers():
-    p = ExpressionParams(groups_min=6, groups_max=6, leaves_min=9, leaves_max=9, balanced_fraction=1.0)
-    with pytest.raises(ValueError, match="more operand keys"):
-        make_problem("expressions", random.Random(0), p)
+@pytest.mark.parametrize("bad,match", [({"groups_max": 9}, "groups_max <= 8"), ({"groups_min": 1}, "2 <= groups_min"),
+                                       ({"repeats_max": 10}, "repeats_max <= 9"),
+                                       ({"chain_repeats_min": 0}, "1 <= chain_repeats_min"),
+                                       ({"balanced_fraction": 1.5}, "balanced_fraction")])
+def test_expression_params_are_checked(bad, match):
+    with pytest.raises(ValueError, match=match):
+        ExpressionParams(**bad)
 
 
 @pytest.mark.parametrize("family,params", [("expressions", EXPR), ("products", PROD),
@@ -175,10 +168,10 @@ def test_check_disjoint_raises_on_overlap():
 
 
 def test_too_few_distinct_problems_is_a_clear_error():
-    tiny = ExpressionParams(balanced_fraction=0.0, chain_leaves_min=1, chain_leaves_max=1, max_leaf=2)
+    tiny = ExpressionParams(balanced_fraction=0.0, groups_min=2, groups_max=2, chain_repeats_min=1, chain_repeats_max=1)
     mix = TaskMix(["expressions"], [1.0], {"expressions": tiny})
     with pytest.raises(ValueError, match="could not draw enough distinct problems"):
-        generate_splits(mix, {"train": 50, "validation": 5, "test": 5}, seed=0, max_tries_factor=5)
+        generate_splits(mix, {"train": 2000, "validation": 5, "test": 5}, seed=0, max_tries_factor=5)  # 1620 exist
 
 
 def test_unknown_family_is_named():

@@ -23,8 +23,8 @@ def _problems(seed: int):
     rng = random.Random(seed)
     # several blocks with 2-4 threads (products of 6-8 factors), uneven thread lengths, and a chain
     return ([make_problem("products", rng, ProductParams(factors_min=6, factors_max=8)) for _ in range(2)]
-            + [make_problem("expressions", rng, ExpressionParams(groups_min=2, groups_max=6, leaves_min=1,
-                                                                 leaves_max=4, balanced_fraction=0.8))
+            + [make_problem("expressions", rng, ExpressionParams(groups_min=2, groups_max=6, repeats_min=1,
+                                                                 repeats_max=4, balanced_fraction=0.8))
                for _ in range(3)])
 
 

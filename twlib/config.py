@@ -313,13 +313,12 @@ class TrajectoriesConfig(StageConfig):
     expr_balanced_fraction: float = 0.75
     expr_groups_min: int = 3
     expr_groups_max: int = 4
-    expr_leaves_min: int = 9
-    expr_leaves_max: int = 10
-    expr_chain_leaves_min: int = 6
-    expr_chain_leaves_max: int = 12
-    expr_max_leaf: int = 9
-    expr_max_value: int = 9
-    expr_style: str = "keyed"
+    expr_repeats_min: int = 6
+    expr_repeats_max: int = 9
+    expr_chain_repeats_min: int = 6
+    expr_chain_repeats_max: int = 9
+    n_train_short: int = 0
+    short_repeats_max: int = 3
     prod_factors_min: int = 3
     prod_factors_max: int = 4
     prod_factor_min: int = 2
@@ -340,22 +339,21 @@ class TrajectoriesConfig(StageConfig):
         self._check(all(w >= 0 for w in self.family_weights) and sum(self.family_weights) > 0,
                     "family_weights", "must be >= 0 with a positive sum")
         self._check(0.0 <= self.expr_balanced_fraction <= 1.0, "expr_balanced_fraction", "must be in [0, 1]")
-        self._check(2 <= self.expr_groups_min <= self.expr_groups_max <= 26, "expr_groups_min",
-                    "must satisfy 2 <= expr_groups_min <= expr_groups_max <= 26")
-        self._check(1 <= self.expr_leaves_min <= self.expr_leaves_max, "expr_leaves_min",
-                    "must satisfy 1 <= expr_leaves_min <= expr_leaves_max")
-        self._check(1 <= self.expr_chain_leaves_min <= self.expr_chain_leaves_max, "expr_chain_leaves_min",
-                    "must satisfy 1 <= expr_chain_leaves_min <= expr_chain_leaves_max")
-        self._check(self.expr_style in ("keyed", "rewrite"), "expr_style", "must be 'keyed' or 'rewrite'")
-        if self.expr_style == "keyed":
-            from .tasks.expressions import key_symbols
-            keys = len(key_symbols(self.expr_groups_max))
-            self._check(self.expr_groups_max * self.expr_leaves_max <= keys, "expr_leaves_max",
-                        f"times expr_groups_max must be <= {keys} (one key letter per number)")
-            self._check(self.expr_chain_leaves_max <= len(key_symbols(1)), "expr_chain_leaves_max",
-                        f"must be <= {len(key_symbols(1))} (one key letter per number)")
-        self._check(0 <= self.expr_max_leaf <= self.expr_max_value, "expr_max_leaf",
-                    "must satisfy 0 <= expr_max_leaf <= expr_max_value")
+        from .tasks.expressions import MAX_GROUPS, MAX_REPEATS
+
+        self._check(2 <= self.expr_groups_min <= self.expr_groups_max <= MAX_GROUPS, "expr_groups_min",
+                    f"must satisfy 2 <= expr_groups_min <= expr_groups_max <= {MAX_GROUPS} "
+                    "(three key letters per sub-expression)")
+        self._check(1 <= self.expr_repeats_min <= self.expr_repeats_max <= MAX_REPEATS, "expr_repeats_min",
+                    f"must satisfy 1 <= expr_repeats_min <= expr_repeats_max <= {MAX_REPEATS}")
+        self._check(1 <= self.expr_chain_repeats_min <= self.expr_chain_repeats_max <= MAX_REPEATS,
+                    "expr_chain_repeats_min",
+                    f"must satisfy 1 <= expr_chain_repeats_min <= expr_chain_repeats_max <= {MAX_REPEATS}")
+        self._check(self.n_train_short >= 0, "n_train_short", "must be >= 0")
+        self._check(1 <= self.short_repeats_max <= MAX_REPEATS, "short_repeats_max",
+                    f"must satisfy 1 <= short_repeats_max <= {MAX_REPEATS}")
+        self._check(self.n_train_short == 0 or "expressions" in self.families, "n_train_short",
+                    "needs the expressions family")
         self._check(2 <= self.prod_factors_min <= self.prod_factors_max, "prod_factors_min",
                     "must satisfy 2 <= prod_factors_min <= prod_factors_max")
         self._check(0 <= self.prod_factor_min <= self.prod_factor_max, "prod_factor_min",
@@ -371,14 +369,23 @@ class TrajectoriesConfig(StageConfig):
         params = {
             "expressions": ExpressionParams(
                 balanced_fraction=self.expr_balanced_fraction, groups_min=self.expr_groups_min,
-                groups_max=self.expr_groups_max, leaves_min=self.expr_leaves_min,
-                leaves_max=self.expr_leaves_max, chain_leaves_min=self.expr_chain_leaves_min,
-                chain_leaves_max=self.expr_chain_leaves_max, max_leaf=self.expr_max_leaf,
-                max_value=self.expr_max_value, style=self.expr_style),
+                groups_max=self.expr_groups_max, repeats_min=self.expr_repeats_min,
+                repeats_max=self.expr_repeats_max, chain_repeats_min=self.expr_chain_repeats_min,
+                chain_repeats_max=self.expr_chain_repeats_max),
             "products": ProductParams(factors_min=self.prod_factors_min, factors_max=self.prod_factors_max,
                                       factor_min=self.prod_factor_min, factor_max=self.prod_factor_max),
         }
         return TaskMix(list(self.families), list(self.family_weights), params)
+
+    def short_task_mix(self):
+        """Expression problems of 1..short_repeats_max additions per sub-expression (extra training data)."""
+        from .tasks import ExpressionParams, TaskMix
+
+        n = self.short_repeats_max
+        return TaskMix(["expressions"], [1.0], {"expressions": ExpressionParams(
+            balanced_fraction=self.expr_balanced_fraction, groups_min=self.expr_groups_min,
+            groups_max=self.expr_groups_max, repeats_min=1, repeats_max=n, chain_repeats_min=1,
+            chain_repeats_max=n)})
 
 
 @register_stage
@@ -393,6 +400,8 @@ class TrieSFTConfig(StageConfig):
     num_heads: int = 4
     num_kv_heads: int = 2
     intermediate_size: int = 512
+    qk_norm_init: float = 1.0
+    rope_theta: float = 10000.0
     max_steps: int = 600
     batch_rows: int = 4
     row_tokens: int = 1024
@@ -416,6 +425,8 @@ class TrieSFTConfig(StageConfig):
         self._check(self.hidden_size // self.num_heads in VLLM_CPU_HEAD_DIMS, "num_heads",
                     f"must give a head size hidden_size/num_heads in {VLLM_CPU_HEAD_DIMS}")
         self._check(self.learning_rate > 0, "learning_rate", "must be > 0")
+        self._check(self.qk_norm_init > 0, "qk_norm_init", "must be > 0")
+        self._check(self.rope_theta > 0, "rope_theta", "must be > 0")
         self._check(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
         self._check(self.objective in ("corrected", "official"), "objective", "must be 'corrected' or 'official'")
         self._check(self.train_sequential or self.train_parallel, "train_parallel",
@@ -426,7 +437,8 @@ class TrieSFTConfig(StageConfig):
         from .models import TinyModelSpec
 
         return TinyModelSpec(hidden_size=self.hidden_size, num_layers=self.num_layers, num_heads=self.num_heads,
-                             num_kv_heads=self.num_kv_heads, intermediate_size=self.intermediate_size)
+                             num_kv_heads=self.num_kv_heads, intermediate_size=self.intermediate_size,
+                             qk_norm_init=self.qk_norm_init, rope_theta=self.rope_theta)
 
     def train_settings(self):
         from .sft import TrainSettings

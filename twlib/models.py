@@ -33,12 +33,17 @@ class TinyModelSpec:
     rope_theta: float = 10000.0
     initializer_range: float = 0.02
     tie_word_embeddings: bool = True
+    # Qwen3 normalises queries and keys per head, which caps a head's attention logits near
+    # qk_norm_init² · √head_dim at the start: too flat to pick one token out of a few hundred.
+    qk_norm_init: float = 1.0
 
     def __post_init__(self):
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads {self.num_heads} is not divisible by num_kv_heads {self.num_kv_heads}")
+        if self.qk_norm_init <= 0:
+            raise ValueError(f"qk_norm_init must be > 0, got {self.qk_norm_init}")
         head_dim = self.hidden_size // self.num_heads
         if head_dim not in VLLM_CPU_HEAD_DIMS:
             raise ValueError(f"head size hidden_size/num_heads = {head_dim} cannot run on vLLM for CPU; "
@@ -68,6 +73,10 @@ def build_tiny_model(tokenizer, spec: TinyModelSpec = TinyModelSpec(), seed: int
 
     torch.manual_seed(seed)
     model = Qwen3ForCausalLM(qwen3_config(tokenizer, spec))
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.q_norm.weight.fill_(spec.qk_norm_init)
+            layer.self_attn.k_norm.weight.fill_(spec.qk_norm_init)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model

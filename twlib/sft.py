@@ -161,6 +161,67 @@ def train_model(kind: str, cfg, tokenizer, train_ds, run) -> dict:
             "trajectories": len(examples), "trained_tokens": trained}
 
 
+def reference_match(model, tokenizer, examples: Sequence[dict], objective: Objective = "corrected",
+                    batch_size: int = 16, progress=None) -> list[bool]:
+    """For each ``{"question", "text"}``: would greedy decoding write the reference text token for token?
+
+    Every trained token of the trie is scored in the context it is generated in (the orchestrator's
+    context for a thread, the plain prefix otherwise), so the reference is reproduced exactly when the
+    model's argmax equals the reference at every trained token — one forward per batch instead of a
+    decoding loop. A model can also reach the right answer another way, so this is a lower bound on
+    greedy accuracy.
+
+    >>> from twlib.tokenizer import build_char_tokenizer
+    >>> from twlib.models import build_tiny_model
+    >>> tok = build_char_tokenizer()
+    >>> reference_match(build_tiny_model(tok), tok, [{"question": "1", "text": "<think>\\n</think>\\n\\n\\\\boxed{1}"}])
+    [False]
+    """
+    import torch
+
+    tries = trajectory_tries(examples, tokenizer, objective)
+    out: list[bool] = []
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for start in range(0, len(tries), batch_size):
+                chunk = tries[start:start + batch_size]
+                batch = collate(chunk, tokenizer.pad_token_id, None, next(model.parameters()).dtype)
+                labels = batch.pop("shift_labels")
+                batch = {k: v.to(model.device) for k, v in batch.items()}
+                predicted = model(**batch).logits.argmax(-1).cpu()
+                trained = labels != IGNORE
+                out.extend(bool((predicted[i][trained[i]] == labels[i][trained[i]]).all()) for i in range(len(chunk)))
+                if progress:
+                    progress(len(chunk))
+    finally:
+        model.train(was_training)
+    return out
+
+
+def reference_scores(model_paths: dict, tokenizer, ds, progress=None):
+    """Share of ``ds`` rows each trained model reproduces exactly (`reference_match`), by family and shape.
+
+    ``model_paths`` maps ``"sequential"``/``"parallel"`` to a saved model; returns a pandas frame with
+    one row per model, family and shape, plus an ``all`` row per model.
+    """
+    import pandas as pd
+
+    from .models import load_model
+
+    frames = []
+    for kind, path in model_paths.items():
+        model = load_model(path)
+        ok = reference_match(model, tokenizer, dataset_examples(ds, parallel=kind == "parallel"), progress=progress)
+        frames.append(pd.DataFrame({"model": kind, "family": ds["family"], "shape": ds["shape"], "reproduced": ok}))
+    rows = pd.concat(frames, ignore_index=True)
+    by_shape = rows.groupby(["model", "family", "shape"]).reproduced.agg(["size", "mean"]).reset_index()
+    overall = rows.groupby("model").reproduced.agg(["size", "mean"]).reset_index().assign(family="all", shape="all")
+    return (pd.concat([by_shape, overall], ignore_index=True)
+            .rename(columns={"size": "problems", "mean": "reproduced"}))
+
+
 def example_with_block(ds, index: int = 0) -> dict:
     """The shortest parallel CoT with a block among the 20 rows from ``index`` (for drawing a trie)."""
     rows = [r for r in ds.select(range(index, min(len(ds), index + 20))) if r["num_blocks"] > 0]

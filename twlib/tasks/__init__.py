@@ -10,6 +10,7 @@ a hash of the question, so the same question can never land in two splits, whate
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import random
 from dataclasses import dataclass, field
@@ -91,6 +92,41 @@ def generate_splits(mix: TaskMix, sizes: dict[str, int], seed: int,
     return out
 
 
+def short_training_problems(problems: dict[str, list[Problem]], sizes: dict[str, int], mix: TaskMix, n: int,
+                            seed: int, progress: Callable[[int], None] | None = None,
+                            max_tries_factor: int = 200) -> list[Problem]:
+    """``n`` extra training problems drawn from ``mix``, their shape prefixed ``short-``.
+
+    Short problems carry the same lookups in a fraction of the context, so a small model learns to
+    read numbers by key there before it has to in long ones. Each one hashes to the train split under
+    the fractions of ``sizes`` and is new, so the splits stay disjoint.
+
+    >>> mix = TaskMix(["expressions"], [1.0], {"expressions": ExpressionParams(repeats_max=2, repeats_min=1)})
+    >>> extra = short_training_problems({"train": []}, {"train": 9, "validation": 1, "test": 0}, mix, 3, seed=0)
+    >>> len(extra), extra[0].shape.startswith("short-")
+    (3, True)
+    """
+    total = sum(sizes.values())
+    fractions = tuple(sizes[s] / total for s in SPLITS)
+    seen = {p.question for items in problems.values() for p in items}
+    rng = random.Random(f"short-{seed}")
+    out: list[Problem] = []
+    for _ in range(max_tries_factor * max(n, 1)):
+        if len(out) >= n:
+            return out
+        p = mix.sample(rng)
+        if p.question in seen or split_of(p.question, fractions) != "train":
+            continue
+        seen.add(p.question)
+        out.append(dataclasses.replace(p, shape=f"short-{p.shape}"))
+        if progress:
+            progress(1)
+    if len(out) < n:
+        raise ValueError(f"could not draw {n} distinct short training problems (have {len(out)}); "
+                         "raise short_repeats_max or lower n_train_short")
+    return out
+
+
 def check_disjoint(questions_by_split: dict[str, list[str]]) -> None:
     """Raise if any question appears in two splits (or twice in one)."""
     owner: dict[str, str] = {}
@@ -102,4 +138,4 @@ def check_disjoint(questions_by_split: dict[str, list[str]]) -> None:
 
 
 __all__ = ["ExpressionParams", "ProductParams", "Problem", "Plan", "Fork", "Group", "TaskMix",
-           "FAMILIES", "SPLITS", "make_problem", "generate_splits", "split_of", "check_disjoint"]
+           "FAMILIES", "SPLITS", "make_problem", "generate_splits", "short_training_problems", "split_of", "check_disjoint"]

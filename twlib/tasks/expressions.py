@@ -1,24 +1,24 @@
-"""Arithmetic expression trees: named sub-expressions joined at the root (paper §4's synthetic analogue).
+"""Arithmetic expression trees in last-digit arithmetic (paper §4's synthetic analogue).
 
-Shapes: ``balanced`` — k ≥ 2 independent sub-expressions of similar length, each evaluated in its
-own thread, then joined; ``chain`` — one long sub-expression, where forking cannot help and the
-parallel CoT stays sequential (so *when* to fork is learnt).
+Each question line is a sub-expression ``s + d·n`` (mod 10); the lines come in random order. A
+sub-expression is worked out by repeated addition, one line per addition, counting ``n`` down.
 
-Every step is local and small-valued (values stay in [0, max_value]), so a tiny model can learn
-it, while threads of many steps keep the outline and tag overhead small next to the work they
-save. Two step styles:
+Shapes: ``balanced`` — k ≥ 2 independent sub-expressions, each evaluated in its own thread, then
+summed; ``chain`` — k sub-expressions where each starts from the previous one's value (``dA`` reads
+"d is A's value"), so forking cannot help and the parallel CoT stays sequential (*when* to fork is
+learnt). The answer is the sum (balanced) or the last value (chain).
 
-* ``keyed`` (default): each number in the question carries a key letter unique in the question;
-  a line writes the running total, then the next key and what follows it in the question::
+Every number in the question follows a key letter that appears once in the question (group i
+uses the keys ``3i..3i+2`` of the alphabet). A CoT line either copies what follows a key — a
+one-token lookup, the copy small transformers learn first — or works from the line just above::
 
-      question: A:a3b+4c-2        thread: A:a3b+4=7 / 7c-2=5 / A=5
-                B:d9e-5                   B:d9e-5=4 / B=4
-                A-B               join:   A-B / =5-4 / =1
+    question: d5+e1*f1     thread:  a3+b4*c2 / 2:3+4=7 / 1:7+4=1 / A1
+              a3+b4*c2              d5+e1*f1 / 1:5+1=6 / B6
+                           join:    A1+B6=7
 
-  Reading an operand is then a lookup by a unique key (copy what follows it — what small
-  transformers learn first), not a copy of digit strings where every digit repeats.
-* ``rewrite``: each line rewrites the previous one with its first operation done
-  (``A=3+4-2 / =7-2 / =5``); kept for comparison: its copies of digit runs are slow to learn.
+Digits that repeat are never copied by looking up the digit before them, which tiny models learn
+slowly and get wrong; group values are written right after their group letter (``A1``) so the join
+reads them by key as well.
 """
 from __future__ import annotations
 
@@ -29,140 +29,120 @@ from dataclasses import dataclass
 from .plan import Fork, Group, Plan
 from .problem import Problem
 
+MODULUS = 10
+KEYS_PER_GROUP = 3
+MAX_GROUPS = len(string.ascii_lowercase) // KEYS_PER_GROUP  # 8
+MAX_REPEATS = 9  # the countdown is one digit
+
 
 @dataclass(frozen=True)
 class ExpressionParams:
     balanced_fraction: float = 0.75
     groups_min: int = 3
     groups_max: int = 4
-    leaves_min: int = 9
-    leaves_max: int = 10
-    chain_leaves_min: int = 6
-    chain_leaves_max: int = 12
-    max_leaf: int = 9
-    max_value: int = 9
-    style: str = "keyed"  # "keyed" (running total, keyed operands) or "rewrite"
+    repeats_min: int = 6
+    repeats_max: int = 9
+    chain_repeats_min: int = 6
+    chain_repeats_max: int = 9
+
+    def __post_init__(self):
+        if not 0.0 <= self.balanced_fraction <= 1.0:
+            raise ValueError(f"balanced_fraction must be in [0, 1], got {self.balanced_fraction}")
+        if not 2 <= self.groups_min <= self.groups_max <= MAX_GROUPS:
+            raise ValueError(f"need 2 <= groups_min <= groups_max <= {MAX_GROUPS} "
+                             f"(three key letters per group), got {self.groups_min}..{self.groups_max}")
+        for lo, hi, name in ((self.repeats_min, self.repeats_max, "repeats"),
+                             (self.chain_repeats_min, self.chain_repeats_max, "chain_repeats")):
+            if not 1 <= lo <= hi <= MAX_REPEATS:
+                raise ValueError(f"need 1 <= {name}_min <= {name}_max <= {MAX_REPEATS}, got {lo}..{hi}")
 
 
-def key_symbols(n_groups: int) -> str:
-    """Operand keys, unique across a question: lowercase, then the uppercase letters no group uses."""
-    return string.ascii_lowercase + string.ascii_uppercase[n_groups:]
+def group_keys(index: int) -> str:
+    """Key letters of the group at ``index``: ``group_keys(1)`` → ``'def'``."""
+    return string.ascii_lowercase[KEYS_PER_GROUP * index: KEYS_PER_GROUP * (index + 1)]
 
 
-def keyed_terms(leaves: list[int], ops: list[str], keys: str) -> str:
-    """The question's form of a group: each number after its key, the operator in between.
+def definition(index: int, start: int | str, step: int, repeats: int) -> str:
+    """The question line of a sub-expression: ``definition(1, 5, 1, 3)`` → ``'d5+e1*f3'``.
 
-    >>> keyed_terms([3, 4, 2], ["+", "-"], "abc")
-    'a3b+4c-2'
+    ``start`` is a digit, or the letter of the group whose value it starts from (chains).
     """
-    return f"{keys[0]}{leaves[0]}" + "".join(f"{k}{op}{x}" for k, op, x in zip(keys[1:], ops, leaves[1:]))
+    a, b, c = group_keys(index)
+    return f"{a}{start}+{b}{step}*{c}{repeats}"
 
 
-def keyed_lines(name: str, leaves: list[int], ops: list[str], keys: str) -> list[str]:
-    """Running total with keyed operands, one operation per line, then the group's value.
+def group_lines(index: int, start: int, step: int, repeats: int, start_from: str | None = None) -> tuple[list[str], int]:
+    """The definition, one repeated addition per line counting down, then the value.
 
-    >>> keyed_lines("A", [3, 4, 2], ["+", "-"], "abc")
-    ['A:a3b+4=7', '7c-2=5', 'A=5']
-
-    A line writes the total so far, then the next key and what follows that key in the question
-    (a lookup by a unique key), then the one-digit result.
+    >>> group_lines(0, 3, 4, 2)
+    (['a3+b4*c2', '2:3+4=7', '1:7+4=1', 'A1'], 1)
+    >>> group_lines(1, 1, 5, 1, start_from="A")[0]
+    ['dA+e5*f1', '1:1+5=6', 'B6']
     """
-    value = leaves[0]
-    first = f"{name}:{keys[0]}{leaves[0]}"
-    lines = []
-    for i, (op, x) in enumerate(zip(ops, leaves[1:]), start=1):
-        new = value + x if op == "+" else value - x
-        lines.append((first if i == 1 else str(value)) + f"{keys[i]}{op}{x}={new}")
+    lines, value = [definition(index, start_from or start, step, repeats)], start
+    for left in range(repeats, 0, -1):
+        new = (value + step) % MODULUS
+        lines.append(f"{left}:{value}+{step}={new}")
         value = new
-    if not ops:
-        lines.append(f"{first}={value}")
-    return lines + [f"{name}={value}"]
+    return lines + [f"{string.ascii_uppercase[index]}{value}"], value
 
 
-def _chain(rng: random.Random, n_leaves: int, max_leaf: int, max_value: int) -> tuple[list[int], list[str]]:
-    """Leaves and +/- ops whose running value stays in [0, max_value]."""
-    leaves = [rng.randint(0, min(max_leaf, max_value))]
-    ops: list[str] = []
-    value = leaves[0]
-    for _ in range(n_leaves - 1):
-        choices = [(op, x) for x in range(max_leaf + 1) for op in "+-"
-                   if 0 <= (value + x if op == "+" else value - x) <= max_value]
-        op, x = rng.choice(choices)
-        value = value + x if op == "+" else value - x
-        leaves.append(x)
-        ops.append(op)
-    return leaves, ops
+def join_lines(values: list[int]) -> list[str]:
+    """Running sum of the group values, each read after its group letter.
 
-
-def _expr(terms: list[str], ops: list[str]) -> str:
-    return terms[0] + "".join(op + t for op, t in zip(ops, terms[1:]))
-
-
-def rewrite_lines(values: list[int], ops: list[str]) -> list[str]:
-    """Left-to-right evaluation, one operation per line: ``[3,4,2],['+','-']`` → ``['=7-2', '=5']``."""
-    values, ops, lines = list(values), list(ops), []
-    while ops:
-        a, b, op = values.pop(0), values.pop(0), ops.pop(0)
-        values.insert(0, a + b if op == "+" else a - b)
-        lines.append("=" + _expr([str(v) for v in values], ops))
+    >>> join_lines([1, 6, 5])
+    ['A1+B6=7', '7+C5=2']
+    """
+    names, lines, total = string.ascii_uppercase, [], values[0]
+    for i, v in enumerate(values[1:], start=1):
+        left = f"{names[0]}{values[0]}" if i == 1 else str(total)
+        total = (total + v) % MODULUS
+        lines.append(f"{left}+{names[i]}{v}={total}")
     return lines
-
-
-def _evaluate(leaves: list[int], ops: list[str]) -> int:
-    value = leaves[0]
-    for op, x in zip(ops, leaves[1:]):
-        value = value + x if op == "+" else value - x
-    return value
-
-
-def _join_ops(rng: random.Random, values: list[int], max_value: int) -> list[str] | None:
-    ops, acc = [], values[0]
-    for v in values[1:]:
-        choices = [op for op in "+-" if 0 <= (acc + v if op == "+" else acc - v) <= max_value]
-        if not choices:
-            return None
-        op = rng.choice(choices)
-        acc = acc + v if op == "+" else acc - v
-        ops.append(op)
-    return ops
 
 
 def make_expression_problem(rng: random.Random, p: ExpressionParams) -> Problem:
     """One problem; the shape is drawn with ``balanced_fraction``."""
     balanced = rng.random() < p.balanced_fraction
-    while True:
-        if balanced:
-            k = rng.randint(p.groups_min, p.groups_max)
-            sizes = [rng.randint(p.leaves_min, p.leaves_max) for _ in range(k)]
-        else:
-            k, sizes = 1, [rng.randint(p.chain_leaves_min, p.chain_leaves_max)]
-        names = list(string.ascii_uppercase[:k])
-        groups, values, defs = [], [], []
-        keys = key_symbols(k)
-        if p.style == "keyed" and sum(sizes) > len(keys):
-            raise ValueError(f"{sum(sizes)} numbers need more operand keys than the {len(keys)} available")
-        for name, n in zip(names, sizes):
-            leaves, ops = _chain(rng, n, p.max_leaf, p.max_value)
-            if p.style == "keyed":
-                own, keys = keys[:n], keys[n:]
-                head = f"{name}:{keyed_terms(leaves, ops, own)}"
-                lines = keyed_lines(name, leaves, ops, own)
-                groups.append(Group(name, tuple(lines)))
-            else:
-                head = f"{name}={_expr([str(x) for x in leaves], ops)}"
-                lines = [head] + rewrite_lines(leaves, ops)
-                groups.append(Group(name, tuple(lines)))
-            values.append(_evaluate(leaves, ops))
-            defs.append(head)
-        if k == 1:
-            return Problem("\n".join(defs + [names[0]]), str(values[0]), "expressions", "chain",
-                           Plan((Fork(tuple(groups)),), str(values[0])))
-        join_ops = _join_ops(rng, values, p.max_value)
-        if join_ops is None:
-            continue
-        join = [_expr(names, join_ops), "=" + _expr([str(v) for v in values], join_ops)]
-        join += rewrite_lines(values, join_ops)
-        answer = join[-1][1:]
-        question = "\n".join(defs + [join[0]])
-        return Problem(question, answer, "expressions", "balanced",
-                       Plan((Fork(tuple(groups)), tuple(join)), answer))
+    k = rng.randint(p.groups_min, p.groups_max)
+    low, high = (p.repeats_min, p.repeats_max) if balanced else (p.chain_repeats_min, p.chain_repeats_max)
+    defs, groups, values = [], [], []
+    for i in range(k):
+        start, step = rng.randint(0, MODULUS - 1), rng.randint(1, MODULUS - 1)
+        start_from = None
+        if not balanced and i > 0:
+            start, start_from = values[-1], string.ascii_uppercase[i - 1]
+        lines, value = group_lines(i, start, step, rng.randint(low, high), start_from)
+        defs.append(lines[0])
+        groups.append(Group(string.ascii_uppercase[i], tuple(lines)))
+        values.append(value)
+    # Lines in random order: a number must be found by its key, not by where its line sits.
+    question = "\n".join(rng.sample(defs, k))
+    if not balanced:
+        answer = str(values[-1])
+        chain = tuple(line for g in groups for line in g.lines)
+        return Problem(question, answer, "expressions", "chain", Plan((chain,), answer))
+    answer = str(sum(values) % MODULUS)
+    return Problem(question, answer, "expressions", "balanced",
+                   Plan((Fork(tuple(groups)), tuple(join_lines(values))), answer))
+
+
+def evaluate_question(question: str) -> int:
+    """The answer computed from the question text alone (an independent check of the CoT).
+
+    >>> evaluate_question("a3+b4*c2\\nd5+e1*f1")
+    7
+    >>> evaluate_question("dA+e1*f1\\na3+b4*c2")  # a chain: B starts from A's value
+    2
+    """
+    parsed = {}
+    for line in question.split("\n"):
+        (ka, start), (_, step), (_, repeats) = line[0:2], line[3:5], line[6:8]
+        parsed[(ord(ka) - ord("a")) // KEYS_PER_GROUP] = (start, int(step), int(repeats))
+    values: list[int] = []
+    for i in range(len(parsed)):
+        start, step, repeats = parsed[i]
+        first = values[ord(start) - ord("A")] if start.isalpha() else int(start)
+        values.append((first + step * repeats) % MODULUS)
+    chain = any(start.isalpha() for start, _, _ in parsed.values())
+    return values[-1] if chain else sum(values) % MODULUS
