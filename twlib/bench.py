@@ -93,6 +93,8 @@ def bench_trie(profile: config.Profile, n_trajectories: int = 48, row_tokens: in
     cfg = profile.stage_config("01_trajectories")
     folder = config_root(profile) / "01_trajectories" / "data"
     ds = load_parquet(folder)["train"]
+    # The target distribution only: the extra short training problems are a learning aid.
+    ds = ds.select([i for i, shape in enumerate(ds["shape"]) if not shape.startswith("short-")])
     parallel = [r for r in dataset_examples(ds, parallel=True) if "<Parallel>" in r["text"]][:n_trajectories]
     tok = build_char_tokenizer()
     tries, expanded = [], []
