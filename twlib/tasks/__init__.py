@@ -97,8 +97,8 @@ def short_training_problems(problems: dict[str, list[Problem]], sizes: dict[str,
                             max_tries_factor: int = 200) -> list[Problem]:
     """``n`` extra training problems drawn from ``mix``, their shape prefixed ``short-``.
 
-    Short problems carry the same lookups in a fraction of the context, so a small model learns to
-    read numbers by key there before it has to in long ones. Each one hashes to the train split under
+    Short problems carry the same lookups in a fraction of the context (a denser training signal for
+    them; the README's learnability section measures the effect). Each one hashes to the train split under
     the fractions of ``sizes`` and is new, so the splits stay disjoint.
 
     >>> mix = TaskMix(["expressions"], [1.0], {"expressions": ExpressionParams(repeats_max=2, repeats_min=1)})
@@ -138,4 +138,5 @@ def check_disjoint(questions_by_split: dict[str, list[str]]) -> None:
 
 
 __all__ = ["ExpressionParams", "ProductParams", "Problem", "Plan", "Fork", "Group", "TaskMix",
-           "FAMILIES", "SPLITS", "make_problem", "generate_splits", "short_training_problems", "split_of", "check_disjoint"]
+           "FAMILIES", "SPLITS", "make_problem", "generate_splits", "short_training_problems", "split_of",
+           "check_disjoint"]

@@ -9,16 +9,16 @@ summed; ``chain`` — k sub-expressions where each starts from the previous one'
 learnt). The answer is the sum (balanced) or the last value (chain).
 
 Every number in the question follows a key letter that appears once in the question (group i
-uses the keys ``3i..3i+2`` of the alphabet). A CoT line either copies what follows a key — a
-one-token lookup, the copy small transformers learn first — or works from the line just above::
+uses the keys ``3i..3i+2`` of the alphabet). A CoT line either copies what follows a key (a
+one-token lookup) or works from the line just above::
 
     question: d5+e1*f1     thread:  a3+b4*c2 / 2:3+4=7 / 1:7+4=1 / A1
               a3+b4*c2              d5+e1*f1 / 1:5+1=6 / B6
                            join:    A1+B6=7
 
-Digits that repeat are never copied by looking up the digit before them, which tiny models learn
-slowly and get wrong; group values are written right after their group letter (``A1``) so the join
-reads them by key as well.
+No digit is ever found by the digit before it, which repeats and is ambiguous; group values are
+written right after their group letter (``A1``) so the join reads them by key as well. (How well a
+tiny model learns these lookups is measured in the README's learnability section.)
 """
 from __future__ import annotations
 
@@ -71,7 +71,8 @@ def definition(index: int, start: int | str, step: int, repeats: int) -> str:
     return f"{a}{start}+{b}{step}*{c}{repeats}"
 
 
-def group_lines(index: int, start: int, step: int, repeats: int, start_from: str | None = None) -> tuple[list[str], int]:
+def group_lines(index: int, start: int, step: int, repeats: int,
+                start_from: str | None = None) -> tuple[list[str], int]:
     """The definition, one repeated addition per line counting down, then the value.
 
     >>> group_lines(0, 3, 4, 2)
