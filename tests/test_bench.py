@@ -39,3 +39,10 @@ def test_bench_data_smoke(capsys):
 def test_bench_rejects_unknown_name():
     with pytest.raises(SystemExit):
         bench.main(["nope", "--params", str(ROOT / "params" / "smoke.yaml")])
+
+
+def test_bench_induction_copy_is_learnt_at_the_demo_learning_rate():
+    profile = config.load_profile(ROOT / "params" / "cpu-demo.yaml")
+    (record,) = bench.bench_induction(profile, steps=200, factors=(1.0,))
+    assert record["learning_rate"] == profile.stage_config("02_trie_sft").learning_rate
+    assert record["solved_at_step"] is not None and record["copy_error"] < 0.01

@@ -109,3 +109,12 @@ def test_reference_match_is_greedy_decoding_unit_by_unit(tmp_path):
         prompt = tokenizers.prompt_ids(TOK, ex["question"])
         unit_list = trie.units(prompt, fmt.parse(ex["text"]), TOK)
         assert m == all(_greedy(model, u.context, len(u.completion)) == list(u.completion) for u in unit_list)
+    # End to end: the orchestrator over HFEngine writes the memorised trajectories token for token.
+    from twlib.engines.hf import HFEngine
+    from twlib.orchestrator import Orchestrator
+
+    prompts = [tokenizers.prompt_ids(TOK, ex["question"]) for ex in examples]
+    results = Orchestrator(HFEngine(model, TOK.eos_token_id), TOK).run(prompts)
+    for ex, r in zip(examples, results):
+        assert r.response_ids == tokenizers.segment_ids(fmt.parse(ex["text"]), TOK).ids
+        assert not r.flags and r.metrics["num_blocks"] == ex["text"].count("<Parallel>") >= 1

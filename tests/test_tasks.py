@@ -26,7 +26,7 @@ def _content_lines(text: str) -> list[str]:
 def test_expression_lines_hand_computed():
     assert group_lines(1, 9, 8, 3) == (["d9+e8*f3", "3:9+8=7", "2:7+8=5", "1:5+8=3", "B3"], 3)
     assert group_lines(0, 0, 5, 1) == (["a0+b5*c1", "1:0+5=5", "A5"], 5)
-    assert join_lines([3, 5, 5, 9]) == ["A3+B5=8", "8+C5=3", "3+D9=2"]
+    assert join_lines([3, 5, 5, 9]) == ["A3+B5:3+5=8", "8+C5:8+5=3", "3+D9:3+9=2"]
     assert group_keys(7) == "vwx"
     assert evaluate_question("a9+b8*c3\nd2+e2*f2") == (9 + 24 + 2 + 4) % 10
 

@@ -3,6 +3,11 @@
 ``trie``: tokens per trajectory for the trie, expanded units and the official flattening, and
 SFT throughput trie vs expanded units, side by side in one run (needs notebook 01's data).
 
+``induction``: how many steps the profile's notebook-02 model needs, at the profile's learning rate
+and at 3× and 10× it, to copy a random 20-letter string (a task only an induction circuit solves:
+find the earlier copy of the current letter and read the one after it). Every lookup in the
+synthetic tasks runs on that circuit; too high a learning rate delays it by hundreds of steps.
+
 ``data``: per task family (and per shape): examples, mean sequential vs parallel tokens, mean
 critical path, mean ideal speedup (sequential total / parallel critical path), activation rate,
 and segment-wise tokenisation drift with the tiny tokenizer and with the Qwen vocabulary.
@@ -140,6 +145,57 @@ def bench_trie(profile: config.Profile, n_trajectories: int = 48, row_tokens: in
            "trie_speedup": round(t_units / t_trie, 2), "trie_rows": len(rows), "expanded_sequences": len(expanded)}
 
 
+def _copy_batch(tokenizer, rng, size: int = 32, length: int = 20):
+    import string
+
+    import torch
+
+    ids, labels = [], []
+    for _ in range(size):
+        letters = "".join(rng.sample(string.ascii_lowercase, length))
+        first = tokenizer.encode(letters + "|", add_special_tokens=False)
+        second = tokenizer.encode(letters, add_special_tokens=False)
+        ids.append(first + second)
+        labels.append([-100] * len(first) + second)
+    return torch.tensor(ids), torch.tensor(labels)
+
+
+def bench_induction(profile: config.Profile, steps: int = 600, factors: tuple[float, ...] = (1.0, 3.0, 10.0),
+                    solved_error: float = 0.01, every: int = 25) -> Iterator[dict]:
+    """Steps until the copy error of the second half drops below ``solved_error``, per learning rate."""
+    import random
+
+    import torch
+    import torch.nn.functional as F
+
+    from .models import build_tiny_model
+    from .tokenizer import build_char_tokenizer
+
+    cfg = profile.stage_config("02_trie_sft")
+    tok = build_char_tokenizer()
+    for factor in factors:
+        lr = cfg.learning_rate * factor
+        model = build_tiny_model(tok, cfg.model_spec(), seed=cfg.seed)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+        rng, solved_at, error, t0 = random.Random(cfg.seed), None, 1.0, time.perf_counter()
+        for step in range(1, steps + 1):
+            ids, labels = _copy_batch(tok, rng)
+            logits = model(input_ids=ids).logits[:, :-1]
+            target = labels[:, 1:]
+            F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100).backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if step % every == 0:
+                scored = target != -100
+                error = float(((logits.argmax(-1) != target) & scored).sum() / scored.sum())
+                if error < solved_error:
+                    solved_at = step
+                    break
+        yield {"bench": "induction", "profile": profile.name, "learning_rate": lr, "lr_factor": factor,
+               "solved_at_step": solved_at, "max_steps": steps, "copy_error": round(error, 3),
+               "seconds": round(time.perf_counter() - t0, 1)}
+
+
 def config_root(profile: config.Profile):
     from .runs import project_root
 
@@ -147,7 +203,8 @@ def config_root(profile: config.Profile):
     return (root if root.is_absolute() else project_root() / root) / profile.name
 
 
-BENCHES: dict[str, Callable[[config.Profile], Iterator[dict]]] = {"data": bench_data, "trie": bench_trie}
+BENCHES: dict[str, Callable[[config.Profile], Iterator[dict]]] = {"data": bench_data, "trie": bench_trie,
+                                                                    "induction": bench_induction}
 
 
 def main(argv: list[str] | None = None) -> int:

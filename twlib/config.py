@@ -319,6 +319,7 @@ class TrajectoriesConfig(StageConfig):
     expr_chain_repeats_max: int = 9
     n_train_short: int = 0
     short_repeats_max: int = 3
+    short_groups_max: int = 4
     prod_factors_min: int = 3
     prod_factors_max: int = 4
     prod_factor_min: int = 2
@@ -352,6 +353,8 @@ class TrajectoriesConfig(StageConfig):
         self._check(self.n_train_short >= 0, "n_train_short", "must be >= 0")
         self._check(1 <= self.short_repeats_max <= MAX_REPEATS, "short_repeats_max",
                     f"must satisfy 1 <= short_repeats_max <= {MAX_REPEATS}")
+        self._check(self.expr_groups_min <= self.short_groups_max <= MAX_GROUPS, "short_groups_max",
+                    f"must satisfy expr_groups_min <= short_groups_max <= {MAX_GROUPS}")
         self._check(self.n_train_short == 0 or "expressions" in self.families, "n_train_short",
                     "needs the expressions family")
         self._check(2 <= self.prod_factors_min <= self.prod_factors_max, "prod_factors_min",
@@ -378,13 +381,14 @@ class TrajectoriesConfig(StageConfig):
         return TaskMix(list(self.families), list(self.family_weights), params)
 
     def short_task_mix(self):
-        """Expression problems of 1..short_repeats_max additions per sub-expression (extra training data)."""
+        """Expression problems of 1..short_repeats_max additions per sub-expression and
+        expr_groups_min..short_groups_max sub-expressions (extra training data)."""
         from .tasks import ExpressionParams, TaskMix
 
         n = self.short_repeats_max
         return TaskMix(["expressions"], [1.0], {"expressions": ExpressionParams(
             balanced_fraction=self.expr_balanced_fraction, groups_min=self.expr_groups_min,
-            groups_max=self.expr_groups_max, repeats_min=1, repeats_max=n, chain_repeats_min=1,
+            groups_max=self.short_groups_max, repeats_min=1, repeats_max=n, chain_repeats_min=1,
             chain_repeats_max=n)})
 
 
@@ -396,19 +400,19 @@ class TrieSFTConfig(StageConfig):
     stage: ClassVar[str] = "02_trie_sft"
 
     hidden_size: int = 128
-    num_layers: int = 4
+    num_layers: int = 2
     num_heads: int = 4
     num_kv_heads: int = 2
     intermediate_size: int = 512
     qk_norm_init: float = 1.0
     rope_theta: float = 10000.0
-    max_steps: int = 600
+    max_steps: int = 1200
     batch_rows: int = 4
     row_tokens: int = 1024
-    learning_rate: float = 3e-3
+    learning_rate: float = 5e-4
     warmup_steps: int = 30
     logging_steps: int = 25
-    save_steps: int = 200
+    save_steps: int = 300
     objective: str = "corrected"
     train_sequential: bool = True
     train_parallel: bool = True

@@ -14,7 +14,7 @@ one-token lookup) or works from the line just above::
 
     question: d5+e1*f1     thread:  a3+b4*c2 / 2:3+4=7 / 1:7+4=1 / A1
               a3+b4*c2              d5+e1*f1 / 1:5+1=6 / B6
-                           join:    A1+B6=7
+                           join:    A1+B6:1+6=7
 
 No digit is ever found by the digit before it, which repeats and is ambiguous; group values are
 written right after their group letter (``A1``) so the join reads them by key as well. (How well a
@@ -91,14 +91,19 @@ def group_lines(index: int, start: int, step: int, repeats: int,
 def join_lines(values: list[int]) -> list[str]:
     """Running sum of the group values, each read after its group letter.
 
+    After the reads, the line restates the two operands and adds them in the same layout as a
+    countdown line (``…:1+6=7``), so the join reuses the addition the threads already practise
+    instead of needing a second one for operands spaced differently.
+
     >>> join_lines([1, 6, 5])
-    ['A1+B6=7', '7+C5=2']
+    ['A1+B6:1+6=7', '7+C5:7+5=2']
     """
     names, lines, total = string.ascii_uppercase, [], values[0]
     for i, v in enumerate(values[1:], start=1):
         left = f"{names[0]}{values[0]}" if i == 1 else str(total)
-        total = (total + v) % MODULUS
-        lines.append(f"{left}+{names[i]}{v}={total}")
+        new = (total + v) % MODULUS
+        lines.append(f"{left}+{names[i]}{v}:{total}+{v}={new}")
+        total = new
     return lines
 
 

@@ -1,0 +1,311 @@
+"""Fork-join inference on a stock engine (paper §3.1, DESIGN §6), in token ids, for many problems at once.
+
+Each problem moves through five phases: (1) decode sequentially until ``</Outlines>``, EOS or the
+budget; (2) read the outlines of the block just written; (3) decode one thread per outline, each
+from the block head plus ``\\n<Thread>\\nN:``; (4) join: the threads in order, each behind its header,
+then ``\\n``; (5) continue sequentially (the model writes ``</Parallel>`` itself). Every request that
+can run at once — all threads of all problems in flight — goes to the engine in one batch.
+
+The joined ids are exactly the main path trie-SFT trains on (`twlib.trie.units`), so a trained model
+sees at inference the contexts it was trained in. Malformed output never stops the loop: every
+guard below is counted in ``Result.flags`` and the orchestrator always terminates (each call either
+ends the problem or consumes at least one token of a finite budget).
+
+Tiny example with a model that writes no block (``<think>`` and ``</think>`` only): one sequential
+call, ``Result.calls == [CallRecord(kind="sequential", ...)]``, critical path = total tokens.
+"""
+from __future__ import annotations
+
+import re
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Literal, Sequence
+
+from . import format as fmt
+from .engines import GREEDY, Completion, Engine, Request, Sampling
+
+Phase = Literal["sequential", "threads", "done"]
+_OUTLINE_NUMBER = re.compile(r"\s*(\d+)\s*:")
+
+# Flag names (the keys of Result.flags).
+FLAGS = (
+    "budget",              # the total response budget ran out
+    "context",             # the context length ran out
+    "max_blocks",          # a block past max_blocks was decoded as plain text, without forking
+    "threads_dropped",     # outlines past max_threads got no thread
+    "no_outlines",         # </Outlines> with no <Outline> before it (decoding went on sequentially)
+    "outline_numbering",   # outline numbers missing, repeated or not 1..K (threads numbered 1..K)
+    "thread_unclosed",     # a thread hit its budget; the orchestrator closed it with </Thread>
+    "eos_in_thread",       # a thread ended with EOS; the trajectory ends after the join
+    "nested_tags",         # a thread wrote structure tags; they stay text
+    "empty_completion",    # the engine returned no token where one was allowed
+)
+
+
+@dataclass(frozen=True)
+class OrchestratorConfig:
+    """Guards of DESIGN §6. Budgets count response tokens, orchestrator-inserted ones included."""
+    max_new_tokens: int = 4096
+    max_thread_tokens: int = 1024
+    max_context: int = 8192
+    max_threads: int = 8
+    max_blocks: int = 8
+    sampling: Sampling = GREEDY
+
+    def __post_init__(self):
+        for name in ("max_new_tokens", "max_thread_tokens", "max_context", "max_threads"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_blocks < 0:
+            raise ValueError(f"max_blocks must be >= 0, got {self.max_blocks}")
+
+
+@dataclass(frozen=True)
+class CallRecord:
+    """One engine call: what it was for, how long its prompt was, what came back, and the batch time."""
+    kind: Literal["sequential", "thread"]
+    prompt_tokens: int
+    generated_tokens: int
+    finish_reason: str
+    seconds: float
+    block: int | None = None
+    thread: int | None = None
+
+
+@dataclass
+class Result:
+    """The outcome for one problem. ``metrics`` follows DESIGN §7 (response tokens only)."""
+    prompt_ids: list[int]
+    response_ids: list[int]
+    text: str
+    trajectory: fmt.Trajectory | None
+    calls: list[CallRecord]
+    flags: Counter
+    metrics: dict
+    wall_seconds: float = 0.0     # the whole run's wall time (shared by the problems decoded together)
+    engine_seconds: float = 0.0   # time inside the engine batches this problem took part in
+
+
+@dataclass
+class _Block:
+    head_end: int                      # len(response) when </Outlines> was read
+    numbers: list[int]                 # thread numbers 1..K
+    threads: dict[int, list[int]] = field(default_factory=dict)
+    header_tokens: dict[int, int] = field(default_factory=dict)
+    wrapper_tokens: int = 0            # block tokens the orchestrator writes outside any thread
+
+
+@dataclass
+class _State:
+    prompt: list[int]
+    response: list[int] = field(default_factory=list)
+    phase: Phase = "sequential"
+    blocks: list[_Block] = field(default_factory=list)
+    sequential_tokens: int = 0         # tokens decoded by sequential calls
+    calls: list[CallRecord] = field(default_factory=list)
+    flags: Counter = field(default_factory=Counter)
+    pending: _Block | None = None
+    engine_seconds: float = 0.0        # wall time of the engine batches this problem took part in
+    scan_from: int = 0                 # outlines are looked for after this response index
+    end_after_join: bool = False
+
+
+class Orchestrator:
+    """Runs the fork-join loop over ``engine`` for the prompts it is given.
+
+    ``tokenizer`` supplies the tag ids (each tag must be one token) and encodes the headers and the
+    join exactly as `twlib.tokenizer.segment_ids` does for training.
+    """
+
+    def __init__(self, engine: Engine, tokenizer, config: OrchestratorConfig = OrchestratorConfig()):
+        self.engine, self.tokenizer, self.config = engine, tokenizer, config
+        ids = {tag: i for i, tag in fmt.tag_id_map(tokenizer).items()}
+        self.outlines_open, self.outlines_close = ids[fmt.OUTLINES_OPEN], ids[fmt.OUTLINES_CLOSE]
+        self.outline_open, self.outline_close = ids[fmt.OUTLINE_OPEN], ids[fmt.OUTLINE_CLOSE]
+        self.thread_close = ids[fmt.THREAD_CLOSE]
+        self.structure = {ids[t] for t in fmt.STRUCTURE_TAGS} - {self.thread_close}
+        self.eos = tokenizer.eos_token_id
+        self.join_ids = tokenizer.encode(fmt.JOIN, add_special_tokens=False)
+
+    def header_ids(self, number: int, first: bool) -> list[int]:
+        return self.tokenizer.encode(fmt.thread_header(number, first), add_special_tokens=False)
+
+    # ------------------------------------------------------------------------------- the loop
+    def run(self, prompts: Sequence[Sequence[int]], progress=None) -> list[Result]:
+        """Decode every prompt to the end; ``progress(n)`` is called as problems finish."""
+        t0 = time.perf_counter()
+        states = [_State(list(p)) for p in prompts]
+        while active := [s for s in states if s.phase != "done"]:
+            requests, owners = [], []
+            for s in active:
+                for req, meta in self._requests(s):
+                    requests.append(req)
+                    owners.append((s, meta))
+            if requests:
+                start = time.perf_counter()
+                completions = self.engine.generate(requests)
+                seconds = time.perf_counter() - start
+                if len(completions) != len(requests):
+                    raise RuntimeError(f"engine returned {len(completions)} completions for {len(requests)} requests")
+                for (s, meta), req, c in zip(owners, requests, completions):
+                    self._absorb(s, meta, req, c, seconds)
+                for s in {id(s): s for s, _ in owners}.values():
+                    s.engine_seconds += seconds
+            for s in active:
+                if s.phase == "threads" and s.pending is not None and len(s.pending.threads) == len(s.pending.numbers):
+                    self._join(s)
+                if progress and s.phase == "done":
+                    progress(1)
+        wall = time.perf_counter() - t0
+        return [self._result(s, wall) for s in states]
+
+    def _budget(self, s: _State) -> int:
+        """Tokens a call may still add: the smaller of the response budget and the context room."""
+        by_total = self.config.max_new_tokens - len(s.response)
+        by_context = self.config.max_context - len(s.prompt) - len(s.response)
+        if by_total <= 0 or by_context <= 0:
+            s.flags["budget" if by_total <= by_context else "context"] += 1
+            return 0
+        return min(by_total, by_context)
+
+    def _requests(self, s: _State):
+        cfg = self.config
+        if s.phase == "sequential":
+            room = self._budget(s)
+            if room <= 0:
+                s.phase = "done"
+                return []
+            return [(Request(tuple(s.prompt + s.response), room, (self.outlines_close,), cfg.sampling), None)]
+        block = s.pending
+        headers = {n: self.header_ids(n, first=True) for n in block.numbers if n not in block.threads}
+        # Room for the joined block: every header as it appears in the join, plus the join itself.
+        joined_overhead = sum(len(self.header_ids(n, n == block.numbers[0])) for n in block.numbers) + len(self.join_ids)
+        by_total = cfg.max_new_tokens - len(s.response) - joined_overhead
+        out = []
+        for n, header in headers.items():
+            context = s.prompt + s.response + header
+            room = min(cfg.max_thread_tokens, by_total, cfg.max_context - len(context))
+            if room <= 0:
+                # No room for this thread: close it empty-handed so the block can still be joined.
+                s.flags["budget" if by_total <= 0 else "context"] += 1
+                block.threads[n] = [self.thread_close]
+                s.flags["thread_unclosed"] += 1
+                continue
+            out.append((Request(tuple(context), room, (self.thread_close,), cfg.sampling), n))
+        return out
+
+    def _absorb(self, s: _State, thread: int | None, req: Request, c: Completion, seconds: float) -> None:
+        ids = list(c.ids)
+        block_index = len(s.blocks) if thread is not None else None
+        s.calls.append(CallRecord("thread" if thread is not None else "sequential", len(req.prompt), len(ids),
+                                  c.finish_reason, seconds, block_index, thread))
+        if thread is not None:
+            self._absorb_thread(s, thread, ids)
+            return
+        if not ids:
+            s.flags["empty_completion"] += 1
+            s.phase = "done"
+            return
+        s.response += ids
+        s.sequential_tokens += len(ids)
+        if ids[-1] == self.eos:
+            s.phase = "done"
+        elif ids[-1] == self.outlines_close:
+            self._open_block(s)
+        # A completion that hit its limit leaves the phase as is; the next _budget call ends it.
+
+    def _absorb_thread(self, s: _State, number: int, ids: list[int]) -> None:
+        block = s.pending
+        if ids and ids[-1] == self.eos:
+            s.flags["eos_in_thread"] += 1
+            ids = ids[:-1] + [self.thread_close]
+            s.end_after_join = True
+        elif not ids or ids[-1] != self.thread_close:
+            if not ids:
+                s.flags["empty_completion"] += 1
+            s.flags["thread_unclosed"] += 1
+            ids = ids + [self.thread_close]
+        if any(i in self.structure for i in ids[:-1]):
+            s.flags["nested_tags"] += 1
+        block.threads[number] = ids
+
+    def _open_block(self, s: _State) -> None:
+        numbers = self._outline_numbers(s)
+        s.scan_from = len(s.response)
+        if numbers is None:
+            return
+        if len(s.blocks) >= self.config.max_blocks:
+            s.flags["max_blocks"] += 1
+            return
+        s.pending = _Block(len(s.response), numbers)
+        s.phase = "threads"
+
+    def _outline_numbers(self, s: _State) -> list[int] | None:
+        """Thread numbers 1..K for the outlines just closed, or None when there are none."""
+        r = s.response
+        end = len(r) - 1
+        start = max((i for i in range(s.scan_from, end) if r[i] == self.outlines_open), default=None)
+        if start is None:
+            s.flags["no_outlines"] += 1
+            return None
+        found, i = [], start + 1
+        while i < end:
+            if r[i] == self.outline_open:
+                close = next((j for j in range(i + 1, end) if r[j] == self.outline_close), end)
+                m = _OUTLINE_NUMBER.match(self.tokenizer.decode(r[i + 1:close], skip_special_tokens=False))
+                found.append(int(m.group(1)) if m else None)
+                i = close
+            i += 1
+        if not found:
+            s.flags["no_outlines"] += 1
+            return None
+        if found != list(range(1, len(found) + 1)):
+            s.flags["outline_numbering"] += 1
+        if len(found) > self.config.max_threads:
+            s.flags["threads_dropped"] += len(found) - self.config.max_threads
+            found = found[:self.config.max_threads]
+        return list(range(1, len(found) + 1))
+
+    def _join(self, s: _State) -> None:
+        block = s.pending
+        for k, n in enumerate(block.numbers):
+            header = self.header_ids(n, first=k == 0)
+            # The first header's leading newline belongs to the block, not to thread 1 (DESIGN §7).
+            block.header_tokens[n] = len(self.header_ids(n, first=False))
+            block.wrapper_tokens += len(header) - block.header_tokens[n]
+            s.response += header + block.threads[n]
+        s.response += self.join_ids
+        s.blocks.append(block)
+        s.pending = None
+        s.scan_from = len(s.response)
+        s.phase = "done" if s.end_after_join else "sequential"
+
+    # ---------------------------------------------------------------------------- the result
+    def _result(self, s: _State, wall: float) -> Result:
+        threads_per_block = [len(b.numbers) for b in s.blocks]
+        text = self.tokenizer.decode(s.response, skip_special_tokens=False)
+        try:
+            trajectory = fmt.parse_ids(s.response, self.tokenizer, strict=False)
+        except fmt.FormatError:
+            trajectory = None
+        # Tokens inside blocks (DESIGN §7) need the block extents, which only the parse knows; the
+        # threads and joins the orchestrator placed are a lower bound when the text does not parse.
+        parallel = sum(b.header_tokens[n] + len(b.threads[n]) for b in s.blocks for n in b.numbers)
+        if trajectory is not None and trajectory.items and s.blocks:
+            try:
+                parallel = fmt.statistics(trajectory).parallel_tokens
+            except fmt.FormatError:
+                pass
+        longest = sum(max(b.header_tokens[n] + len(b.threads[n]) for n in b.numbers) for b in s.blocks)
+        joins = sum(len(self.join_ids) + b.wrapper_tokens for b in s.blocks)
+        total = len(s.response)
+        critical = s.sequential_tokens + longest + joins
+        metrics = {"total_tokens": total, "critical_path_tokens": critical,
+                   "sequential_tokens": total - parallel, "parallel_tokens": parallel,
+                   "num_blocks": len(s.blocks), "threads_per_block": threads_per_block,
+                   "acceleration_ratio": 1 - critical / total if total else 0.0,
+                   "parallel_ratio": parallel / total if total else 0.0, "activated": bool(s.blocks),
+                   "engine_calls": len(s.calls)}
+        return Result(list(s.prompt), list(s.response), text, trajectory, s.calls, s.flags, metrics, wall,
+                      s.engine_seconds)
