@@ -175,3 +175,29 @@ def test_notebook_02_smoke(smoke_outputs):
     assert [r["step"] for r in history["parallel"]] == list(range(1, params["max_steps"] + 1))
     for fig in ("trie_masks.png", "loss_curves.png"):
         assert (stage / fig).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.notebooks
+def test_notebook_05_smoke(smoke_outputs):
+    from twlib.grading import grade
+
+    folder, spec = smoke_outputs
+    stage = folder / "05_evaluation"
+    params = spec["05_evaluation"]
+    metrics = json.loads((stage / "metrics.json").read_text())
+    assert metrics["status"] == "complete"
+    records = {kind: [json.loads(line) for line in (stage / f"{kind}.jsonl").read_text().splitlines()]
+               for kind in ("sequential", "parallel")}
+    test = data.load_parquet(folder / "01_trajectories" / "data")["test"]
+    for kind, rows in records.items():
+        assert [r["id"] for r in rows] == test["id"][:params["n_test"]]
+        assert all(r["total_tokens"] <= params["max_new_tokens"] for r in rows)
+        assert all(grade(r["response"], r["gold"]).correct == r["correct"] for r in rows)
+        accuracy = sum(r["correct"] for r in rows) / len(rows)
+        assert metrics["metrics"][f"{kind}_accuracy"] == pytest.approx(accuracy)
+    speedups = [s["total_tokens"] / p["critical_path_tokens"] for s, p in zip(records["sequential"], records["parallel"])]
+    assert metrics["metrics"]["mean_speedup"] == pytest.approx(sum(speedups) / len(speedups))
+    for fig in ("speedup_hist.png", "accuracy_vs_latency.png", "thread_counts.png"):
+        assert (stage / fig).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    executed = nbformat.read(stage / "05_evaluation.ipynb", as_version=4)
+    assert not [o for c in executed.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]

@@ -188,11 +188,18 @@ def test_blocks_past_max_blocks_are_not_forked():
     assert r.metrics["num_blocks"] == 2 and r.flags["max_blocks"] >= 1
 
 
-def test_budget_too_small_for_threads_still_terminates():
+def test_budget_too_small_for_a_block_ends_at_the_outlines():
     head = _outlines([1, 2, 3])
     r, _ = _run(_policy(head, lambda n: "z" * 100), max_new_tokens=len(TOK.encode(head)) + 5)
-    assert r.flags["budget"] >= 1 and r.metrics["num_blocks"] == 1
-    assert r.response_ids[-1] != EOS
+    assert r.flags["budget"] == 1 and r.metrics["num_blocks"] == 0
+    assert r.text == head.rstrip("\n") and r.metrics["total_tokens"] <= len(TOK.encode(head)) + 5
+
+
+@pytest.mark.parametrize("budget", [60, 90, 150])
+def test_long_threads_never_overrun_the_total_budget(budget):
+    r, _ = _run(_policy(_outlines([1, 2, 3]), lambda n: "z" * 500), max_new_tokens=budget, max_thread_tokens=400)
+    assert r.metrics["total_tokens"] <= budget and r.metrics["num_blocks"] == 1
+    assert r.flags["thread_unclosed"] == 3 and r.flags["budget"] >= 1
 
 
 @pytest.mark.parametrize("bad", [{"max_new_tokens": 0}, {"max_threads": 0}, {"max_blocks": -1}])

@@ -8,6 +8,11 @@ and at 3× and 10× it, to copy a random 20-letter string (a task only an induct
 find the earlier copy of the current letter and read the one after it). Every lookup in the
 synthetic tasks runs on that circuit; too high a learning rate delays it by hundreds of steps.
 
+``orchestrator``: the sequential model (plain decoding) and the parallel model (fork-join orchestrator)
+on the same test problems with the same engine, side by side in one run, one problem at a time:
+accuracy, token-latency and wall-clock speedups, parallel efficiency, orchestration overhead; one JSON
+line per engine (HF always, vLLM where installed). Needs notebooks 01 and 02's outputs.
+
 ``data``: per task family (and per shape): examples, mean sequential vs parallel tokens, mean
 critical path, mean ideal speedup (sequential total / parallel critical path), activation rate,
 and segment-wise tokenisation drift with the tiny tokenizer and with the Qwen vocabulary.
@@ -196,6 +201,34 @@ def bench_induction(profile: config.Profile, steps: int = 600, factors: tuple[fl
                "seconds": round(time.perf_counter() - t0, 1)}
 
 
+def bench_orchestrator(profile: config.Profile, n_problems: int = 100) -> Iterator[dict]:
+    """DESIGN §7 summary of both models on the first ``n_problems`` test problems, per engine."""
+    import importlib.util
+
+    from .data import load_parquet
+    from .engines.hf import HFEngine
+    from .evaluation import evaluate, summarize
+    from .models import load_model
+    from .orchestrator import Orchestrator
+    from .tokenizer import load_tokenizer
+
+    root = config_root(profile)
+    test = load_parquet(root / "01_trajectories" / "data")["test"]
+    problems = [dict(r) for r in test.select(range(min(n_problems, len(test))))]
+    paths = {kind: root / "02_trie_sft" / f"{kind}_model" for kind in ("sequential", "parallel")}
+    tok = load_tokenizer(paths["parallel"])
+    engines = {"hf": lambda path: HFEngine(load_model(path), tok.eos_token_id)}
+    if importlib.util.find_spec("vllm") is not None:
+        from .engines.vllm import VLLMEngine
+
+        engines["vllm"] = lambda path: VLLMEngine.from_pretrained(path, tok.eos_token_id, max_model_len=2048)
+    for name, make in engines.items():
+        records = {kind: evaluate(Orchestrator(make(path), tok), problems, tok) for kind, path in paths.items()}
+        summary = summarize(records["sequential"], records["parallel"])
+        yield {"bench": "orchestrator", "engine": name, "profile": profile.name,
+               **{k: round(v, 4) if isinstance(v, float) else v for k, v in summary.items()}}
+
+
 def config_root(profile: config.Profile):
     from .runs import project_root
 
@@ -204,7 +237,8 @@ def config_root(profile: config.Profile):
 
 
 BENCHES: dict[str, Callable[[config.Profile], Iterator[dict]]] = {"data": bench_data, "trie": bench_trie,
-                                                                    "induction": bench_induction}
+                                                                    "induction": bench_induction,
+                                                                    "orchestrator": bench_orchestrator}
 
 
 def main(argv: list[str] | None = None) -> int:

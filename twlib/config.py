@@ -450,3 +450,47 @@ class TrieSFTConfig(StageConfig):
         return TrainSettings(max_steps=self.max_steps, per_device_train_batch_size=self.batch_rows,
                              learning_rate=self.learning_rate, warmup_steps=self.warmup_steps,
                              logging_steps=self.logging_steps, save_steps=self.save_steps, seed=self.seed)
+
+
+@register_stage
+@dataclass(frozen=True, kw_only=True)
+class EvaluationConfig(StageConfig):
+    """Parameters of notebooks/05_evaluation.ipynb (engine, test problems, orchestrator guards)."""
+
+    stage: ClassVar[str] = "05_evaluation"
+
+    engine: str = "hf"
+    n_test: int = 0
+    batch_size: int = 1
+    max_new_tokens: int = 2048
+    max_thread_tokens: int = 1024
+    max_threads: int = 8
+    max_blocks: int = 8
+    temperature: float = 0.0
+
+    def validate(self) -> None:
+        self._check(self.engine in ("hf", "vllm"), "engine", "must be 'hf' or 'vllm'")
+        self._check(self.n_test >= 0, "n_test", "must be >= 0 (0: the whole test split)")
+        for name in ("batch_size", "max_new_tokens", "max_thread_tokens", "max_threads"):
+            self._check(getattr(self, name) >= 1, name, "must be >= 1")
+        self._check(self.max_blocks >= 0, "max_blocks", "must be >= 0")
+        self._check(self.temperature >= 0, "temperature", "must be >= 0 (0: greedy)")
+
+    def orchestrator_config(self, max_context: int):
+        from .engines import Sampling
+        from .orchestrator import OrchestratorConfig
+
+        return OrchestratorConfig(max_new_tokens=self.max_new_tokens, max_thread_tokens=self.max_thread_tokens,
+                                  max_context=max_context, max_threads=self.max_threads, max_blocks=self.max_blocks,
+                                  sampling=Sampling(temperature=self.temperature, seed=self.seed))
+
+    def make_engine(self, model_path, eos_token_id: int):
+        """The engine named by ``engine`` for a saved model (vLLM is imported only when asked for)."""
+        if self.engine == "vllm":
+            from .engines.vllm import VLLMEngine
+
+            return VLLMEngine.from_pretrained(model_path, eos_token_id)
+        from .engines.hf import HFEngine
+        from .models import load_model
+
+        return HFEngine(load_model(model_path), eos_token_id)

@@ -108,6 +108,13 @@ def load_model(path: str | Path, dtype: str = "float32", attn_implementation: st
                                                 attn_implementation=attn_implementation)
 
 
+def context_length(path: str | Path) -> int:
+    """The longest sequence a saved model takes (``max_position_embeddings`` of its config)."""
+    from transformers import AutoConfig
+
+    return int(AutoConfig.from_pretrained(str(path)).max_position_embeddings)
+
+
 def add_tags_to_model(model, tokenizer, tags: Sequence[str] | None = None) -> list[str]:
     """Add the format tags to a pretrained tokenizer/model pair (paper §3.2 SFT set-up).
 

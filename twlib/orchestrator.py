@@ -178,22 +178,29 @@ class Orchestrator:
                 return []
             return [(Request(tuple(s.prompt + s.response), room, (self.outlines_close,), cfg.sampling), None)]
         block = s.pending
-        headers = {n: self.header_ids(n, first=True) for n in block.numbers if n not in block.threads}
-        # Room for the joined block: every header as it appears in the join, plus the join itself.
-        joined_overhead = sum(len(self.header_ids(n, n == block.numbers[0])) for n in block.numbers) + len(self.join_ids)
-        by_total = cfg.max_new_tokens - len(s.response) - joined_overhead
+        waiting = [n for n in block.numbers if n not in block.threads]
+        # Split what the response budget leaves after the block's own tokens evenly, so the joined
+        # block never overruns it however the threads' lengths turn out.
+        per_thread = (cfg.max_new_tokens - len(s.response) - self._block_overhead(block.numbers)) // len(waiting)
         out = []
-        for n, header in headers.items():
-            context = s.prompt + s.response + header
-            room = min(cfg.max_thread_tokens, by_total, cfg.max_context - len(context))
+        for n in waiting:
+            context = s.prompt + s.response + self.header_ids(n, first=True)
+            by_context = cfg.max_context - len(context)
+            room = min(cfg.max_thread_tokens, per_thread, by_context)
             if room <= 0:
-                # No room for this thread: close it empty-handed so the block can still be joined.
-                s.flags["budget" if by_total <= 0 else "context"] += 1
-                block.threads[n] = [self.thread_close]
+                # No room for this thread: close it at once so the block can still be joined.
+                s.flags["context" if by_context <= 0 else "budget"] += 1
                 s.flags["thread_unclosed"] += 1
+                block.threads[n] = [self.thread_close]
                 continue
             out.append((Request(tuple(context), room, (self.thread_close,), cfg.sampling), n))
         return out
+
+    def _block_overhead(self, numbers: list[int]) -> int:
+        """Tokens a joined block adds beyond its threads' generated text: the headers as they appear in the
+        join, the join itself, and one closing tag per thread in case the orchestrator has to close it."""
+        headers = sum(len(self.header_ids(n, k == 0)) for k, n in enumerate(numbers))
+        return headers + len(self.join_ids) + len(numbers)
 
     def _absorb(self, s: _State, thread: int | None, req: Request, c: Completion, seconds: float) -> None:
         ids = list(c.ids)
@@ -237,6 +244,11 @@ class Orchestrator:
             return
         if len(s.blocks) >= self.config.max_blocks:
             s.flags["max_blocks"] += 1
+            return
+        if self.config.max_new_tokens - len(s.response) - self._block_overhead(numbers) < len(numbers):
+            # Not even one token per thread fits: the response ends at </Outlines>.
+            s.flags["budget"] += 1
+            s.phase = "done"
             return
         s.pending = _Block(len(s.response), numbers)
         s.phase = "threads"

@@ -92,3 +92,49 @@ def loss_curves(histories: dict):
     ax2.set(xlabel="step", ylabel="learning rate", title="Schedule")
     fig.tight_layout()
     return fig
+
+
+def speedup_hist(frame):
+    """Per-problem token-latency speedup of the parallel model over the sequential baseline."""
+    plt, sns = _setup()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    sns.histplot(x=frame["speedup"], hue=_group(frame), bins=30, element="step", ax=ax)
+    ax.axvline(1.0, ls="--", c="grey", lw=1)
+    ax.set(xlabel="speedup (sequential tokens / parallel critical path)", ylabel="problems",
+           title="Per-problem token-latency speedup")
+    fig.tight_layout()
+    return fig
+
+
+def accuracy_vs_latency(table):
+    """Accuracy against mean token latency for both models, one point per family/shape (paper's Pareto view)."""
+    import pandas as pd
+
+    plt, sns = _setup()
+    points = pd.concat([
+        pd.DataFrame({"model": "sequential", "group": table.family + "/" + table["shape"],
+                      "latency": table.seq_latency, "accuracy": table.seq_accuracy}),
+        pd.DataFrame({"model": "parallel", "group": table.family + "/" + table["shape"],
+                      "latency": table.par_latency, "accuracy": table.par_accuracy})])
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    sns.scatterplot(data=points, x="latency", y="accuracy", hue="group", style="model", s=90, ax=ax)
+    for group, g in points.groupby("group"):
+        ax.plot(g.latency, g.accuracy, c="grey", lw=0.8, alpha=0.6)
+    ax.set(xlabel="mean token latency (critical-path tokens)", ylabel="accuracy", title="Accuracy vs latency")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def thread_counts(frame):
+    """How many threads the parallel model opened per block (problems without a block are left out)."""
+    import pandas as pd
+
+    plt, sns = _setup()
+    counts = pd.Series([k for ks in frame["threads_per_block"] for k in ks], name="threads", dtype="int64")
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    if len(counts):
+        sns.countplot(x=counts, ax=ax, color="tab:blue")
+    ax.set(xlabel="threads in a block", ylabel="blocks", title="Thread-count distribution")
+    fig.tight_layout()
+    return fig

@@ -279,6 +279,11 @@ class RunFolder:
     def write_json(self, name: str, obj: Any) -> Path:
         return atomic_write_json(self.path(name), obj)
 
+    def write_jsonl(self, name: str, records: list[dict]) -> Path:
+        """One JSON object per line, written atomically."""
+        lines = "".join(json.dumps(r, default=_json_default) + "\n" for r in records)
+        return atomic_write_text(self.path(name), lines)
+
     def finish(self, metrics: dict[str, Any]) -> dict[str, Any]:
         """Write ``metrics.json`` marking the stage complete, with provenance; returns the record."""
         sha, dirty = _git_state(self.project)

@@ -58,6 +58,10 @@ class Completion:
     finish_reason: FinishReason
 
 
+class EngineError(RuntimeError):
+    """An engine could not produce a completion (server down, repeated 5xx, timeouts, bad response)."""
+
+
 class Engine(Protocol):
     """Anything that completes a batch of requests, in order."""
 
@@ -80,4 +84,4 @@ def finish_reason(ids: Sequence[int], stop_ids: Sequence[int], eos_token_id: int
     return "length"
 
 
-__all__ = ["Sampling", "GREEDY", "Request", "Completion", "Engine", "FinishReason", "finish_reason"]
+__all__ = ["Sampling", "GREEDY", "Request", "Completion", "Engine", "EngineError", "FinishReason", "finish_reason"]

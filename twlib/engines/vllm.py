@@ -1,0 +1,48 @@
+"""`VLLMEngine`: offline `vllm.LLM` as an orchestrator engine (token-id prompts, prefix caching).
+
+Threads of one block share the block head, so vLLM's prefix cache computes it once. Tags are normal
+tokens, so they come back in the ids; the stop id that ends a completion is part of its ids.
+Scripts that create a `vllm.LLM` need an ``if __name__ == "__main__":`` guard (vLLM starts worker
+processes). Usage::
+
+    engine = VLLMEngine.from_pretrained("outputs/cpu-demo/02_trie_sft/parallel_model", eos_token_id=2)
+    results = Orchestrator(engine, tokenizer).run(prompts)
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+from . import Completion, Request, finish_reason
+
+
+class VLLMEngine:
+    def __init__(self, llm, eos_token_id: int):
+        self.llm = llm
+        self.eos_token_id = eos_token_id
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, eos_token_id: int, **llm_kwargs) -> "VLLMEngine":
+        """A `vllm.LLM` for a saved model; ``llm_kwargs`` override the defaults (fp32, eager, prefix caching)."""
+        from vllm import LLM
+
+        settings = {"dtype": "float32", "enforce_eager": True, "enable_prefix_caching": True, "seed": 0}
+        return cls(LLM(model=str(path), **(settings | llm_kwargs)), eos_token_id)
+
+    def generate(self, requests: Sequence[Request]) -> list[Completion]:
+        from vllm import SamplingParams
+
+        out: list[Completion] = [Completion((), "length")] * len(requests)
+        todo = [i for i, r in enumerate(requests) if r.max_new_tokens >= 1]
+        if not todo:
+            return out
+        params = [SamplingParams(temperature=requests[i].sampling.temperature, top_p=requests[i].sampling.top_p,
+                                 seed=requests[i].sampling.seed, max_tokens=requests[i].max_new_tokens,
+                                 stop_token_ids=list(requests[i].stop_ids), skip_special_tokens=False)
+                  for i in todo]
+        generated = self.llm.generate([{"prompt_token_ids": list(requests[i].prompt)} for i in todo], params,
+                                      use_tqdm=False)
+        for i, g in zip(todo, generated):
+            ids = tuple(g.outputs[0].token_ids)
+            out[i] = Completion(ids, finish_reason(ids, requests[i].stop_ids, self.eos_token_id))
+        return out
