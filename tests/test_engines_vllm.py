@@ -1,10 +1,7 @@
 """Cross-engine greedy equality: the orchestrator over vLLM (CPU) and over HF writes the same ids."""
 import importlib.util
 import json
-import os
 import random
-import subprocess
-import sys
 import textwrap
 import time
 
@@ -19,6 +16,7 @@ from twlib.engines.server import VLLMServer, free_port
 from twlib.orchestrator import Orchestrator, OrchestratorConfig
 from twlib.tasks import ExpressionParams, make_problem
 from twlib.tokenizer import build_char_tokenizer, prompt_ids, segment_ids
+from vllm_script import run_vllm_script
 
 TOK = build_char_tokenizer()
 
@@ -70,14 +68,7 @@ def memorised(tmp_path_factory):
 @NEEDS_VLLM
 def test_orchestrator_on_offline_vllm_equals_hf_and_the_reference(memorised, tmp_path):
     folder, prompts, reference, hf_calls = memorised
-    script = tmp_path / "orchestrate_vllm.py"
-    script.write_text(SCRIPT)
-    proc = subprocess.run([sys.executable, str(script), str(folder), json.dumps(prompts)],
-                          env=os.environ | {"VLLM_CPU_KVCACHE_SPACE": "1"}, timeout=600,
-                          capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT "))
-    got = json.loads(line[len("RESULT "):])
+    got = run_vllm_script(tmp_path, SCRIPT, str(folder), json.dumps(prompts))
     assert [g["ids"] for g in got] == reference
     assert [g["calls"] for g in got] == hf_calls
     assert all(g["flags"] == {} for g in got)

@@ -5,9 +5,6 @@ from __future__ import annotations
 import copy
 import importlib.util
 import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -17,6 +14,7 @@ from twlib import format as fmt
 from twlib.models import (TinyModelSpec, add_tags_to_model, build_tiny_model, count_parameters, load_model,
                           qwen3_config, save_model, spec_dict)
 from twlib.tokenizer import build_char_tokenizer, load_tokenizer, prompt_ids, qwen_tokenizer
+from vllm_script import run_vllm_script
 
 SMALL = TinyModelSpec(hidden_size=32, num_layers=2, num_heads=1, num_kv_heads=1, intermediate_size=64)
 
@@ -223,15 +221,7 @@ def test_vllm_greedy_equals_hf(char_tok, tmp_path):
     assert all(len(e) == 16 for e in expected)
     assert all(len(set(e)) > 1 for e in expected)  # not one token repeated: a meaningful comparison
 
-    script = tmp_path / "vllm_generate.py"
-    script.write_text(VLLM_SCRIPT)
-    proc = subprocess.run([sys.executable, str(script), str(folder), json.dumps(prompts)],
-                          env=os.environ | {"VLLM_CPU_KVCACHE_SPACE": "1"}, timeout=600,
-                          capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT "))
-    got = json.loads(line[len("RESULT "):])
-    assert got == expected
+    assert run_vllm_script(tmp_path, VLLM_SCRIPT, str(folder), json.dumps(prompts)) == expected
 
 
 def test_add_tags_never_shrinks_a_padded_vocabulary(qwen_tok):

@@ -11,7 +11,8 @@ synthetic tasks runs on that circuit; too high a learning rate delays it by hund
 ``orchestrator``: the sequential model (plain decoding) and the parallel model (fork-join orchestrator)
 on the same test problems with the same engine, side by side in one run, one problem at a time:
 accuracy, token-latency and wall-clock speedups, parallel efficiency, orchestration overhead; one JSON
-line per engine (HF always, vLLM where installed). Needs notebooks 01 and 02's outputs.
+line per engine (HF always, vLLM where installed; vLLM also logs to stdout, so keep the lines that start
+with ``{``). Needs notebooks 01 and 02's outputs.
 
 ``data``: per task family (and per shape): examples, mean sequential vs parallel tokens, mean
 critical path, mean ideal speedup (sequential total / parallel critical path), activation rate,

@@ -39,16 +39,20 @@ def total_vs_critical(df):
     return fig
 
 
-def ideal_speedup_hist(df):
-    """Per-problem ideal speedup (sequential tokens / parallel critical path) by family and shape."""
+def _speedup_hist(df, column: str, xlabel: str, title: str):
     plt, sns = _setup()
     fig, ax = plt.subplots(figsize=(6, 4))
-    sns.histplot(x=df["ideal_speedup"], hue=_group(df), bins=30, element="step", ax=ax)
+    sns.histplot(x=df[column], hue=_group(df), bins=30, element="step", ax=ax)
     ax.axvline(1.0, ls="--", c="grey", lw=1)
-    ax.set(xlabel="ideal speedup (seq tokens / par critical path)", ylabel="problems",
-           title="Per-problem ideal speedup")
+    ax.set(xlabel=xlabel, ylabel="problems", title=title)
     fig.tight_layout()
     return fig
+
+
+def ideal_speedup_hist(df):
+    """Per-problem ideal speedup (sequential tokens / parallel critical path) by family and shape."""
+    return _speedup_hist(df, "ideal_speedup", "ideal speedup (seq tokens / par critical path)",
+                         "Per-problem ideal speedup")
 
 
 def trie_masks(corrected, official, start: int = 0, stop: int | None = None):
@@ -96,14 +100,8 @@ def loss_curves(histories: dict):
 
 def speedup_hist(frame):
     """Per-problem token-latency speedup of the parallel model over the sequential baseline."""
-    plt, sns = _setup()
-    fig, ax = plt.subplots(figsize=(6, 4))
-    sns.histplot(x=frame["speedup"], hue=_group(frame), bins=30, element="step", ax=ax)
-    ax.axvline(1.0, ls="--", c="grey", lw=1)
-    ax.set(xlabel="speedup (sequential tokens / parallel critical path)", ylabel="problems",
-           title="Per-problem token-latency speedup")
-    fig.tight_layout()
-    return fig
+    return _speedup_hist(frame, "speedup", "speedup (sequential tokens / parallel critical path)",
+                         "Per-problem token-latency speedup")
 
 
 def accuracy_vs_latency(table):

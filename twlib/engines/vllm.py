@@ -24,9 +24,14 @@ class VLLMEngine:
     @classmethod
     def from_pretrained(cls, path: str | Path, eos_token_id: int, **llm_kwargs) -> "VLLMEngine":
         """A `vllm.LLM` for a saved model; ``llm_kwargs`` override the defaults (fp32, eager, prefix caching)."""
+        import torch
         from vllm import LLM
 
         settings = {"dtype": "float32", "enforce_eager": True, "enable_prefix_caching": True, "seed": 0}
+        if not torch.cuda.is_available():
+            # On CPU this is the share of host memory vLLM reserves (92% by default: more than a shared
+            # machine has free, and far more than a tiny model needs).
+            settings["gpu_memory_utilization"] = 0.3
         return cls(LLM(model=str(path), **(settings | llm_kwargs)), eos_token_id)
 
     def generate(self, requests: Sequence[Request]) -> list[Completion]:
