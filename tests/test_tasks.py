@@ -7,7 +7,7 @@ import pytest
 from twlib import format as fmt
 from twlib.tasks import (ExpressionParams, Fork, ProductParams, TaskMix, check_disjoint, generate_splits,
                          make_problem, split_of)
-from twlib.tasks.expressions import evaluate_question, group_keys, group_lines, join_lines
+from twlib.tasks.expressions import INSTRUCTION, definitions, evaluate_question, group_keys, group_lines, join_lines
 from twlib.tasks.products import add_line, multiplication_lines, times_digit_line
 
 EXPR = ExpressionParams()
@@ -75,18 +75,21 @@ def test_expression_problems_are_correct(seed):
     orders, shapes = set(), set()
     for _ in range(80):
         p = make_problem("expressions", rng, EXPR)
-        orders.add(p.question.split("\n")[0][0])
+        assert p.question.split("\n")[0] == INSTRUCTION
+        assert p.question.split("\n")[1:] == definitions(p.question)
+        orders.add(definitions(p.question)[0][0])
         shapes.add(p.shape)
         assert p.answer == str(evaluate_question(p.question))
-        keys = re.findall(r"[a-z]", p.question)
+        assert not re.search(r"[a-zA-Z]\d", INSTRUCTION)  # nothing in it reads like a key
+        keys = re.findall(r"[a-z]", "".join(definitions(p.question)))
         assert len(keys) == len(set(keys))  # every number is read after a key used once
-        k = len(p.question.split("\n"))
+        k = len(definitions(p.question))
         assert EXPR.groups_min <= k <= EXPR.groups_max
         if p.shape == "chain":
             (lines,) = p.plan.steps
             bounds = [i + 1 for i, ln in enumerate(lines) if re.fullmatch(r"[A-Z]\d", ln)]
             chunks = [lines[a:b] for a, b in zip([0] + bounds[:-1], bounds)]
-            assert len(chunks) == k and sorted(p.question.split("\n")) == sorted(c[0] for c in chunks)
+            assert len(chunks) == k and sorted(definitions(p.question)) == sorted(c[0] for c in chunks)
             value = None
             for i, chunk in enumerate(chunks):
                 value = _check_group(chunk, chr(ord("A") + i), i, value)
@@ -97,7 +100,7 @@ def test_expression_problems_are_correct(seed):
         else:
             groups = p.plan.steps[0].groups
             values = [_check_group(g.lines, g.label, i) for i, g in enumerate(groups)]
-            assert sorted(p.question.split("\n")) == sorted(g.lines[0] for g in groups)
+            assert sorted(definitions(p.question)) == sorted(g.lines[0] for g in groups)
             assert p.answer == str(sum(values) % 10)
             assert p.plan.steps[1] == tuple(join_lines(values))
             traj = fmt.parse(p.plan.parallel_text())

@@ -1,7 +1,7 @@
 """Arithmetic expression trees in last-digit arithmetic (paper §4's synthetic analogue).
 
-Each question line is a sub-expression ``s + d·n`` (mod 10); the lines come in random order. A
-sub-expression is worked out by repeated addition, one line per addition, counting ``n`` down.
+A question is a one-line instruction (as real prompts carry one) followed by one line per
+sub-expression ``s + d·n`` (mod 10), in random order. A sub-expression is worked out by repeated addition, one line per addition, counting ``n`` down.
 
 Shapes: ``balanced`` — k ≥ 2 independent sub-expressions, each evaluated in its own thread, then
 summed; ``chain`` — k sub-expressions where each starts from the previous one's value (``dA`` reads
@@ -12,7 +12,8 @@ Every number in the question follows a key letter that appears once in the quest
 uses the keys ``3i..3i+2`` of the alphabet). A CoT line either copies what follows a key (a
 one-token lookup) or works from the line just above::
 
-    question: d5+e1*f1     thread:  a3+b4*c2 / 2:3+4=7 / 1:7+4=1 / A1
+    question: (instruction)
+              d5+e1*f1     thread:  a3+b4*c2 / 2:3+4=7 / 1:7+4=1 / A1
               a3+b4*c2              d5+e1*f1 / 1:5+1=6 / B6
                            join:    A1+B6:1+6=7
 
@@ -23,6 +24,7 @@ tiny model learns these lookups is measured in the README's learnability section
 from __future__ import annotations
 
 import random
+import re
 import string
 from dataclasses import dataclass
 
@@ -33,6 +35,9 @@ MODULUS = 10
 KEYS_PER_GROUP = 3
 MAX_GROUPS = len(string.ascii_lowercase) // KEYS_PER_GROUP  # 8
 MAX_REPEATS = 9  # the countdown is one digit
+# No letter in it is followed by a digit, so it never looks like a key: lookups stay unambiguous.
+INSTRUCTION = "Work out each line mod ten; the answer is the sum of the lines, or the last value of a chain."
+DEFINITION = re.compile(r"[a-z][0-9A-Z]\+[a-z][0-9]\*[a-z][0-9]")
 
 
 @dataclass(frozen=True)
@@ -123,7 +128,7 @@ def make_expression_problem(rng: random.Random, p: ExpressionParams) -> Problem:
         groups.append(Group(string.ascii_uppercase[i], tuple(lines)))
         values.append(value)
     # Lines in random order: a number must be found by its key, not by where its line sits.
-    question = "\n".join(rng.sample(defs, k))
+    question = "\n".join([INSTRUCTION] + rng.sample(defs, k))
     if not balanced:
         answer = str(values[-1])
         chain = tuple(line for g in groups for line in g.lines)
@@ -133,16 +138,25 @@ def make_expression_problem(rng: random.Random, p: ExpressionParams) -> Problem:
                    Plan((Fork(tuple(groups)), tuple(join_lines(values))), answer))
 
 
+def definitions(question: str) -> list[str]:
+    """The sub-expression lines of a question, in question order (the instruction is skipped).
+
+    >>> definitions(INSTRUCTION + "\\nd5+e1*f1\\na3+b4*c2")
+    ['d5+e1*f1', 'a3+b4*c2']
+    """
+    return [line for line in question.split("\n") if DEFINITION.fullmatch(line)]
+
+
 def evaluate_question(question: str) -> int:
     """The answer computed from the question text alone (an independent check of the CoT).
 
     >>> evaluate_question("a3+b4*c2\\nd5+e1*f1")
     7
-    >>> evaluate_question("dA+e1*f1\\na3+b4*c2")  # a chain: B starts from A's value
+    >>> evaluate_question(INSTRUCTION + "\\ndA+e1*f1\\na3+b4*c2")  # a chain: B starts from A's value
     2
     """
     parsed = {}
-    for line in question.split("\n"):
+    for line in definitions(question):
         (ka, start), (_, step), (_, repeats) = line[0:2], line[3:5], line[6:8]
         parsed[(ord(ka) - ord("a")) // KEYS_PER_GROUP] = (start, int(step), int(repeats))
     values: list[int] = []
