@@ -24,6 +24,7 @@ from typing import Literal, Sequence
 
 from . import format as fmt
 from .engines import GREEDY, Completion, Engine, Request, Sampling
+from .trie import Unit
 
 Phase = Literal["sequential", "threads", "done"]
 _OUTLINE_NUMBER = re.compile(r"\s*(\d+)\s*:")
@@ -85,6 +86,9 @@ class Result:
     metrics: dict
     wall_seconds: float = 0.0     # the whole run's wall time (shared by the problems decoded together)
     engine_seconds: float = 0.0   # time inside the engine batches this problem took part in
+    # Every call as ``<context, completion>`` ids, the completion exactly as the model wrote it (before
+    # the orchestrator closes a thread): what RL scores (`twlib.trie.build_trie(..., main=...)`).
+    units: list[Unit] = field(default_factory=list)
 
 
 @dataclass
@@ -104,6 +108,7 @@ class _State:
     blocks: list[_Block] = field(default_factory=list)
     sequential_tokens: int = 0         # tokens decoded by sequential calls
     calls: list[CallRecord] = field(default_factory=list)
+    units: list[Unit] = field(default_factory=list)
     flags: Counter = field(default_factory=Counter)
     pending: _Block | None = None
     engine_seconds: float = 0.0        # wall time of the engine batches this problem took part in
@@ -207,6 +212,8 @@ class Orchestrator:
         block_index = len(s.blocks) if thread is not None else None
         s.calls.append(CallRecord("thread" if thread is not None else "sequential", len(req.prompt), len(ids),
                                   c.finish_reason, seconds, block_index, thread))
+        s.units.append(Unit(req.prompt, tuple(ids), "thread" if thread is not None else "sequential",
+                            block_index, thread))
         if thread is not None:
             self._absorb_thread(s, thread, ids)
             return
@@ -320,4 +327,4 @@ class Orchestrator:
                    "parallel_ratio": parallel / total if total else 0.0, "activated": bool(s.blocks),
                    "engine_calls": len(s.calls)}
         return Result(list(s.prompt), list(s.response), text, trajectory, s.calls, s.flags, metrics, wall,
-                      s.engine_seconds)
+                      s.engine_seconds, s.units)

@@ -102,28 +102,38 @@ class _Node:
         self.token, self.children, self.trained, self.index = token, {}, False, -1
 
 
-def build_trie(prompt: Sequence[int], unit_list: Sequence[Unit], objective: Objective = "corrected") -> PackedTrie:
+def build_trie(prompt: Sequence[int], unit_list: Sequence[Unit], objective: Objective = "corrected",
+               main: Sequence[int] | None = None) -> PackedTrie:
     """Insert the main path and each thread unit, flatten depth first, set positions/labels/loss.
 
-    The main path is the last sequential unit's context + completion (the whole trajectory).
+    The main path is ``main`` (prompt + joined response, as the orchestrator returns it) or, by
+    default, the last sequential unit's context + completion (the whole canonical trajectory). A
+    first thread whose completion is not on the main path (a rollout where the orchestrator replaced
+    the thread's EOS by ``</Thread>``) is trained on its own branch copy, like threads 2..K.
     """
     if not prompt:
         raise ValueError("the prompt must hold at least one token (it roots the trie)")
     for u in unit_list:
         if tuple(u.context[:len(prompt)]) != tuple(prompt):
             raise ValueError(f"unit {u.kind} {u.block}/{u.thread} does not start with the prompt")
-    seq_units = [u for u in unit_list if u.kind == "sequential"]
-    if not seq_units:
-        raise ValueError("a trajectory needs at least one sequential unit")
-    main = list(seq_units[-1].context) + list(seq_units[-1].completion)
+    if main is None:
+        seq_units = [u for u in unit_list if u.kind == "sequential"]
+        if not seq_units:
+            raise ValueError("a trajectory needs at least one sequential unit")
+        main = list(seq_units[-1].context) + list(seq_units[-1].completion)
+    main = list(main)
+    if main[:len(prompt)] != list(prompt):
+        raise ValueError("the main path does not start with the prompt")
     root = _Node(prompt[0])
     main_nodes = _insert(root, main)
     if objective == "corrected":
         for u in unit_list:
-            nodes = main_nodes if u.kind == "sequential" or u.thread == 1 else _insert(root, list(u.context) + list(u.completion))
             start = len(u.context)
-            if nodes is main_nodes:
-                start = _locate(main, u)
+            if u.kind == "sequential" or (u.thread == 1 and _on_main(main, u)):
+                nodes = main_nodes
+                _locate(main, u)
+            else:
+                nodes = _insert(root, list(u.context) + list(u.completion))
             for node in nodes[start:start + len(u.completion)]:
                 node.trained = True
     else:
@@ -157,12 +167,16 @@ def _insert(root: _Node, tokens: Sequence[int]) -> list[_Node]:
     return path
 
 
+def _on_main(main: list[int], u: Unit) -> bool:
+    n = len(u.context)
+    return main[:n] == list(u.context) and main[n:n + len(u.completion)] == list(u.completion)
+
+
 def _locate(main: list[int], u: Unit) -> int:
     """Start of ``u``'s completion on the main path (its context is a prefix of the main path)."""
-    n = len(u.context)
-    if main[:n] != list(u.context) or main[n:n + len(u.completion)] != list(u.completion):
+    if not _on_main(main, u):
         raise ValueError(f"unit {u.kind} {u.block}/{u.thread} is not on the main path")
-    return n
+    return len(u.context)
 
 
 def _flatten(root: _Node) -> PackedTrie:
@@ -217,16 +231,24 @@ def dense_mask(rows: Sequence[PackedTrie], dtype=None, length: int | None = None
     """
     import torch
 
-    dtype = dtype or torch.float32
     L = length or max(len(r) for r in rows)
     exits = torch.full((len(rows), L), -1, dtype=torch.long)
     for b, r in enumerate(rows):
         exits[b, :len(r)] = torch.tensor(r.exit, dtype=torch.long)
-    q = torch.arange(L).view(1, L, 1)
-    k = torch.arange(L).view(1, 1, L)
+    return ancestor_mask(exits, dtype)
+
+
+def ancestor_mask(exits, dtype=None):
+    """`dense_mask` from a ``[B, L]`` tensor of exit times (−1 marks padding, visible only to itself)."""
+    import torch
+
+    dtype = dtype or torch.float32
+    B, L = exits.shape
+    q = torch.arange(L, device=exits.device).view(1, L, 1)
+    k = torch.arange(L, device=exits.device).view(1, 1, L)
     allowed = (k <= q) & (q <= exits.unsqueeze(1))
     allowed |= (q == k)  # padding rows attend to themselves: no empty softmax
-    mask = torch.zeros(len(rows), 1, L, L, dtype=dtype)
+    mask = torch.zeros(B, 1, L, L, dtype=dtype, device=exits.device)
     mask.masked_fill_(~allowed.unsqueeze(1), torch.finfo(dtype).min)
     return mask
 

@@ -1,0 +1,243 @@
+"""P-GRPO on TRL's ``GRPOTrainer`` (paper §3.3, DESIGN §8): parallel rollouts scored as tries.
+
+A rollout is one fork-join trajectory from the orchestrator (`twlib.orchestrator`). It becomes one
+TRL sample whose completion is the flattened trie of its engine calls (`twlib.trie.build_trie` with
+the joined response as main path) and whose loss mask is the trie-SFT mask: every token the model
+wrote is scored once, in the context it was written in; orchestrator-inserted tokens never are.
+The sample is scored in one forward with the ancestor mask and tree position ids, so shared prefixes
+are computed once. TRL does the rest: group advantages ``A = r − mean_group(r)`` (``scale_rewards=
+"none"``; ``"group"`` is the std-normalised ablation), broadcast over the sample's scored tokens, and
+a token-mean loss over the batch (``loss_type="dapo"``). With ``branching=False`` the orchestrator
+never forks (every block is plain text) — the sequential GRPO baseline, same code.
+
+Tiny example: a rollout with one block of two threads ``a`` and ``b`` becomes the completion
+``H \\n<Thread>\\n1: a </Thread> … 2: b </Thread>`` (main path) followed by its branch ``2: b </Thread>``;
+thread 2 is scored on the branch, where it sees only ``H`` — as at inference.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Sequence
+
+from .orchestrator import Orchestrator, OrchestratorConfig, Result
+from .rewards import RewardConfig, reward_function
+from .trie import IGNORE, Objective, PackedTrie, ancestor_mask, build_trie
+
+
+# ------------------------------------------------------------------------------ rollout → sample
+@dataclass
+class RolloutSample:
+    """One rollout as a TRL sample: ``prompt_ids`` + ``completion_ids`` (the flat trie after the prompt).
+
+    ``sources[i]`` is the flat index whose output predicts completion token i (its trie parent, or the
+    flat predecessor under the official objective); ``scored[i]`` says token i carries loss.
+    """
+    prompt_ids: list[int]
+    completion_ids: list[int]
+    position_ids: list[int]   # over prompt + completion
+    exit: list[int]           # over prompt + completion
+    sources: list[int]
+    scored: list[int]
+
+
+def rollout_sample(result: Result, objective: Objective = "corrected") -> RolloutSample:
+    """The trie of a rollout's engine calls, split into prompt and completion.
+
+    >>> from twlib.trie import Unit
+    >>> r = Result([1, 2], [3, 4], "", None, [], Counter(), {}, units=[Unit((1, 2), (3, 4), "sequential")])
+    >>> s = rollout_sample(r)
+    >>> s.completion_ids, s.sources, s.scored
+    ([3, 4], [1, 2], [1, 1])
+    """
+    prompt = list(result.prompt_ids)
+    packed = build_trie(prompt, result.units, objective, main=prompt + list(result.response_ids))
+    n = len(prompt)
+    if packed.input_ids[:n] != prompt:
+        raise ValueError("the flattened trie does not start with the prompt")
+    sources = []
+    for i in range(n, len(packed)):
+        if not packed.trained[i]:
+            sources.append(0)
+        else:
+            sources.append(packed.parent[i] if objective == "corrected" else i - 1)
+    return RolloutSample(prompt, packed.input_ids[n:], packed.position_ids, packed.exit, sources,
+                         [int(t) for t in packed.trained[n:]])
+
+
+def tree_tensors(samples: Sequence[RolloutSample], prompt_width: int, completion_width: int) -> dict:
+    """Position ids, exit times (``[B, P+C]``) and prediction sources (``[B, C]``) in TRL's padded layout.
+
+    TRL left-pads prompts to ``prompt_width`` and right-pads completions to ``completion_width``; a
+    sample's flat index f lands at column ``f + prompt_width − len(prompt)``. Padding has exit −1, so it
+    is visible to nobody but itself (`twlib.trie.ancestor_mask`).
+    """
+    import torch
+
+    B, L = len(samples), prompt_width + completion_width
+    pos = torch.zeros((B, L), dtype=torch.long)
+    exit_ = torch.full((B, L), -1, dtype=torch.long)
+    src = torch.zeros((B, completion_width), dtype=torch.long)
+    for b, s in enumerate(samples):
+        off = prompt_width - len(s.prompt_ids)
+        n = len(s.position_ids)
+        pos[b, off:off + n] = torch.tensor(s.position_ids)
+        exit_[b, off:off + n] = torch.tensor(s.exit) + off
+        src[b, :len(s.sources)] = torch.tensor(s.sources) + off
+    return {"tree_position_ids": pos, "tree_exit": exit_, "tree_sources": src}
+
+
+def tree_log_probs(model, input_ids, completion_ids, scored, tree: dict, temperature: float = 1.0):
+    """Per-token log-probs ``[B, C]`` of the completion tokens, each from its source position.
+
+    One forward over the whole flat trie with the ancestor mask and tree position ids. Works with any
+    transformers causal LM; unscored positions get 0.
+    """
+    import torch
+
+    dtype = next(model.parameters()).dtype
+    mask = ancestor_mask(tree["tree_exit"], dtype).to(input_ids.device)
+    out = model(input_ids=input_ids, attention_mask=mask, position_ids=tree["tree_position_ids"].to(input_ids.device),
+                use_cache=False)
+    src = tree["tree_sources"].to(input_ids.device)
+    logits = out.logits.gather(1, src.unsqueeze(-1).expand(-1, -1, out.logits.size(-1))).float() / temperature
+    logps = torch.log_softmax(logits, dim=-1).gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1)
+    entropy = -(torch.softmax(logits, -1) * torch.log_softmax(logits, -1)).sum(-1)
+    keep = scored.bool()
+    return logps.masked_fill(~keep, 0.0), entropy.masked_fill(~keep, 0.0)
+
+
+# ------------------------------------------------------------------------------------- trainer
+@dataclass(frozen=True)
+class PGRPOSettings:
+    """What P-GRPO adds to ``GRPOConfig``: rewards, the orchestrator's guards, the objective, branching."""
+    rewards: RewardConfig = RewardConfig()
+    orchestrator: OrchestratorConfig = OrchestratorConfig()
+    objective: Objective = "corrected"
+    branching: bool = True
+
+
+ROLLOUT_METRICS = ("acceleration_ratio", "critical_path_tokens", "total_tokens", "activated")
+
+
+def make_trainer_class():
+    """``ParallelGRPOTrainer`` (built lazily so ``import twlib.pgrpo`` needs no TRL)."""
+    from trl import GRPOTrainer
+
+    class ParallelGRPOTrainer(GRPOTrainer):
+        """``GRPOTrainer`` whose rollouts go through the fork-join orchestrator and are scored as tries.
+
+        ``engine`` defaults to `twlib.engines.hf.HFEngine` over the policy itself (CPU); pass any engine
+        (e.g. vLLM sharing the policy's weights) to replace it.
+        """
+
+        def __init__(self, model, tokenizer, train_dataset, args, settings: PGRPOSettings = PGRPOSettings(),
+                     engine=None, callbacks=None):
+            if args.num_iterations != 1 or args.beta != 0.0:
+                raise ValueError("P-GRPO scores rollouts on-policy only: set num_iterations=1 and beta=0.0")
+            if args.mask_truncated_completions:
+                raise ValueError("mask_truncated_completions must be False: a flattened trie does not end at EOS")
+            self.settings, self._engine = settings, engine
+            self._rollout_samples: list[RolloutSample] | None = None
+            self._last_samples: list[RolloutSample] = []
+            self._tree_batch: dict | None = None
+            self.guard_counts: Counter = Counter()
+            super().__init__(model=model, reward_funcs=[reward_function(settings.rewards)], args=args,
+                             train_dataset=train_dataset, processing_class=tokenizer, callbacks=callbacks,
+                             rollout_func=self._rollout)
+
+        # ---------------------------------------------------------------- rollouts (TRL's rollout_func)
+        def _orchestrator(self) -> Orchestrator:
+            import dataclasses
+
+            from .engines import Sampling
+            from .engines.hf import HFEngine
+
+            cfg = self.settings.orchestrator
+            cfg = dataclasses.replace(cfg, sampling=Sampling(temperature=self.args.temperature, top_p=self.args.top_p),
+                                      max_blocks=cfg.max_blocks if self.settings.branching else 0)
+            engine = self._engine or HFEngine(self.accelerator.unwrap_model(self.model), self.processing_class.eos_token_id)
+            return Orchestrator(engine, self.processing_class, cfg)
+
+        def _rollout(self, prompts: list, trainer) -> dict:
+            tok = self.processing_class
+            ids = [tok.apply_chat_template(p, tokenize=False, add_generation_prompt=True) if not isinstance(p, str) else p
+                   for p in prompts]
+            ids = [tok.encode(text, add_special_tokens=False) for text in ids]
+            model = self.accelerator.unwrap_model(self.model)
+            was_training = model.training
+            try:
+                results = self._orchestrator().run(ids)
+            finally:
+                model.train(was_training)
+            samples = [rollout_sample(r, self.settings.objective) for r in results]
+            self._rollout_samples = samples
+            self._log_rollouts(results)
+            return {
+                "prompt_ids": [s.prompt_ids for s in samples],
+                "completion_ids": [s.completion_ids for s in samples],
+                "env_mask": [s.scored for s in samples],
+                "logprobs": None,
+                "response_text": [r.text for r in results],
+                "acceleration_ratio": [r.metrics["acceleration_ratio"] for r in results],
+            }
+
+        def _log_rollouts(self, results: list[Result]) -> None:
+            mode = "train" if self.model.training else "eval"
+            n = len(results)
+            for name in ROLLOUT_METRICS:
+                self._metrics[mode][f"rollout/{name}"].append(sum(float(r.metrics[name]) for r in results) / n)
+            blocks = [k for r in results for k in r.metrics["threads_per_block"]]
+            self._metrics[mode]["rollout/threads_per_block"].append(sum(blocks) / len(blocks) if blocks else 0.0)
+            hit = [r for r in results if r.flags]
+            self._metrics[mode]["rollout/guard_hit_ratio"].append(len(hit) / n)
+            for r in results:
+                self.guard_counts.update(r.flags)
+
+        # ------------------------------------------------------------- scoring with the tree
+        def _generate_and_score_completions(self, inputs):
+            output = super()._generate_and_score_completions(inputs)
+            samples, self._rollout_samples = self._rollout_samples, None
+            self._last_samples = samples
+            output.update(tree_tensors(samples, output["prompt_ids"].size(1), output["completion_ids"].size(1)))
+            return output
+
+        def _compute_loss(self, model, inputs):
+            self._tree_batch = {k: inputs[k] for k in ("tree_position_ids", "tree_exit", "tree_sources")}
+            self._tree_batch["scored"] = inputs["completion_mask"] * inputs.get("tool_mask", 1)
+            self._tree_batch["completion_ids"] = inputs["completion_ids"]
+            try:
+                return super()._compute_loss(model, inputs)
+            finally:
+                self._tree_batch = None
+
+        def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep,
+                                               batch_size=None, compute_entropy=False, **kwargs):
+            tree = self._tree_batch
+            if tree is None:
+                raise RuntimeError("P-GRPO scores only on-policy batches it built itself (no tree data here)")
+            with self.accelerator.autocast():
+                logps, entropy = tree_log_probs(model, input_ids, tree["completion_ids"], tree["scored"], tree,
+                                                self.temperature)
+            return logps, (entropy if compute_entropy else None), None
+
+    return ParallelGRPOTrainer
+
+
+def grpo_args(output_dir, *, max_steps: int, prompts_per_step: int, num_generations: int, learning_rate: float,
+              temperature: float = 1.0, top_p: float = 1.0, std_advantages: bool = False, logging_steps: int = 1,
+              save_steps: int = 50, seed: int = 0, use_cpu: bool = True, bf16: bool = False, max_completion_length: int = 2048):
+    """``GRPOConfig`` for P-GRPO: mean-centred advantages, token-mean loss, no KL, plain on-policy steps."""
+    from trl import GRPOConfig
+
+    return GRPOConfig(
+        output_dir=str(output_dir), max_steps=max_steps, learning_rate=learning_rate,
+        per_device_train_batch_size=prompts_per_step * num_generations, num_generations=num_generations,
+        gradient_accumulation_steps=1, steps_per_generation=1, num_iterations=1, beta=0.0,
+        scale_rewards="group" if std_advantages else "none", loss_type="dapo",
+        temperature=temperature, top_p=top_p, max_completion_length=max_completion_length,
+        lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.01, max_grad_norm=1.0,
+        logging_steps=logging_steps, save_steps=save_steps, save_total_limit=2, seed=seed, data_seed=seed,
+        use_cpu=use_cpu, bf16=bf16, gradient_checkpointing=False, report_to="none", dataloader_num_workers=0,
+        mask_truncated_completions=False, log_completions=False,
+    )
