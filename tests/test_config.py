@@ -173,3 +173,28 @@ def test_load_profile_errors_name_file_and_problem(tmp_path, text, match):
 def test_load_profile_missing_file(tmp_path):
     with pytest.raises(ConfigError, match="cannot read params file"):
         load_profile(tmp_path / "nope.yaml")
+
+
+@pytest.mark.parametrize("stage,bad,match", [
+    ("04_pgrpo", {"num_generations": 1}, "'num_generations' must be >= 2"),
+    ("04_pgrpo", {"clip": 1.5}, r"'clip' must be in \[0, 1\]"),
+    ("04_pgrpo", {"temperature": 0.0}, "'temperature' must be > 0"),
+    ("04_pgrpo", {"objective": "mine"}, "'objective' must be 'corrected' or 'official'"),
+    ("04_pgrpo", {"learning_rate": 0}, "'learning_rate' must be > 0"),
+    ("01_trajectories", {"coarse_fraction": 1.2}, r"'coarse_fraction' must be in \[0, 1\]"),
+])
+def test_stage_range_checks_name_the_parameter(stage, bad, match):
+    with pytest.raises(ConfigError, match=match):
+        STAGE_CONFIGS[stage].from_dict({"profile": "p", **bad})
+
+
+def test_pgrpo_config_builds_trainer_settings():
+    cfg = STAGE_CONFIGS["04_pgrpo"].from_dict({"profile": "p", "clip": 0.5, "max_blocks": 3, "num_generations": 4,
+                                               "prompts_per_step": 2})
+    s = cfg.settings(branching=False, max_context=512)
+    assert s.rewards.clip == 0.5 and s.orchestrator.max_blocks == 3 and s.orchestrator.max_context == 512
+    assert s.branching is False
+    args = cfg.grpo_args("/tmp/x", std_advantages=True)
+    assert args.scale_rewards == "group" and args.per_device_train_batch_size == 8 and args.num_generations == 4
+    assert args.beta == 0.0 and args.loss_type == "dapo" and args.num_iterations == 1
+    assert cfg.grpo_args("/tmp/x").scale_rewards == "none"

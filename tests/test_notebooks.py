@@ -123,7 +123,13 @@ def test_notebook_01_smoke(smoke_outputs):
     questions = {s: set(dsd[s]["question"]) for s in dsd}
     shapes = {s: set(dsd[s]["shape"]) for s in dsd}
     assert {"short-balanced", "short-chain"} & shapes["train"] and not any(
-        sh.startswith("short-") for sh in shapes["validation"] | shapes["test"])
+        sh.startswith("short-") or sh.endswith("-coarse") for sh in shapes["validation"] | shapes["test"])
+    coarse = [r for r in dsd["train"] if r["shape"].endswith("-coarse")]
+    assert coarse and all(r["coarse_completion"] == r["completion"] for r in coarse)
+    for row in coarse:  # paired threads: still valid forks, same answer as the sequential CoT
+        par = fmt.parse(row["completion"][0]["content"], strict=True)
+        assert par.answer == fmt.parse(row["sequential_completion"][0]["content"]).answer
+        assert all(len(b.threads) >= 2 for b in par.blocks)
     assert not (questions["train"] & questions["test"]) and not (questions["train"] & questions["validation"])
     for row in dsd["test"]:
         traj = fmt.parse(row["completion"][0]["content"])
@@ -169,12 +175,42 @@ def test_notebook_02_smoke(smoke_outputs):
         assert torch.isfinite(logits).all() and model.config.hidden_size == params["hidden_size"]
         validation = data.load_parquet(folder / "01_trajectories" / "data")["validation"]
         reproduced = sft.reference_match(model, tok, sft.dataset_examples(validation, parallel=kind == "parallel"))
+        if kind == "parallel":  # either granularity of the plan counts
+            coarse = [{"question": r["question"], "text": r["coarse_completion"][0]["content"]} for r in validation]
+            reproduced = [a or b for a, b in zip(reproduced, sft.reference_match(model, tok, coarse))]
         assert m["validation_reproduced"] == pytest.approx(sum(reproduced) / len(reproduced))
         assert (stage / f"{kind}_checkpoints" / f"checkpoint-{params['max_steps']}").is_dir()
     history = json.loads((stage / "loss_history.json").read_text())
     assert [r["step"] for r in history["parallel"]] == list(range(1, params["max_steps"] + 1))
     for fig in ("trie_masks.png", "loss_curves.png"):
         assert (stage / fig).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.notebooks
+def test_notebook_04_smoke(smoke_outputs):
+    folder, spec = smoke_outputs
+    stage = folder / "04_pgrpo"
+    params = spec["04_pgrpo"]
+    metrics = json.loads((stage / "metrics.json").read_text())
+    assert metrics["status"] == "complete"
+    names = {"pgrpo", "grpo_sequential", "pgrpo_std"}
+    assert set(metrics["metrics"]["runs"]) == names
+    histories = json.loads((stage / "histories.json").read_text())
+    top = 1 + params["rho"] * params["clip"]
+    for name in names:
+        rows = histories[name]
+        assert [r["step"] for r in rows] == list(range(1, params["max_steps"] + 1))
+        assert all(0 <= r["reward"] <= top + 1e-9 and r["total_tokens"] <= params["max_new_tokens"] for r in rows)
+        assert (stage / f"{name}_checkpoints" / f"checkpoint-{params['max_steps']}").is_dir()
+        from twlib.models import load_model
+        assert load_model(stage / f"{name}_model").config.hidden_size == spec["02_trie_sft"]["hidden_size"]
+    # branching off: the sequential baseline never forks, whatever it writes
+    assert all(r["activation_ratio"] == 0 and r["threads_per_block"] == 0 for r in histories["grpo_sequential"])
+    example = metrics["metrics"]["example"]
+    assert example["trie_tokens"] <= example["expanded_tokens"] and example["scored_tokens"] > 0
+    assert (stage / "rl_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    executed = nbformat.read(stage / "04_pgrpo.ipynb", as_version=4)
+    assert not [o for c in executed.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
 
 
 @pytest.mark.notebooks
@@ -187,17 +223,24 @@ def test_notebook_05_smoke(smoke_outputs):
     metrics = json.loads((stage / "metrics.json").read_text())
     assert metrics["status"] == "complete"
     records = {kind: [json.loads(line) for line in (stage / f"{kind}.jsonl").read_text().splitlines()]
-               for kind in ("sequential", "parallel")}
+               for kind in ("sequential", "parallel", "grpo_sequential", "pgrpo", "pgrpo_std")}
     test = data.load_parquet(folder / "01_trajectories" / "data")["test"]
     for kind, rows in records.items():
         assert [r["id"] for r in rows] == test["id"][:params["n_test"]]
         assert all(r["total_tokens"] <= params["max_new_tokens"] for r in rows)
         assert all(grade(r["response"], r["gold"]).correct == r["correct"] for r in rows)
         accuracy = sum(r["correct"] for r in rows) / len(rows)
-        assert metrics["metrics"][f"{kind}_accuracy"] == pytest.approx(accuracy)
+        assert metrics["metrics"]["models"][kind]["accuracy"] == pytest.approx(accuracy)
+        if kind in ("sequential", "parallel"):
+            assert metrics["metrics"][f"{kind}_accuracy"] == pytest.approx(accuracy)
     speedups = [s["total_tokens"] / p["critical_path_tokens"] for s, p in zip(records["sequential"], records["parallel"])]
     assert metrics["metrics"]["mean_speedup"] == pytest.approx(sum(speedups) / len(speedups))
-    for fig in ("speedup_hist.png", "accuracy_vs_latency.png", "thread_counts.png"):
+    models = metrics["metrics"]["models"]
+    assert set(models) == set(records)
+    for kind, rows in records.items():  # every model against the sequential SFT model's tokens
+        per_problem = [s["total_tokens"] / r["critical_path_tokens"] for s, r in zip(records["sequential"], rows)]
+        assert models[kind]["mean_speedup"] == pytest.approx(sum(per_problem) / len(per_problem))
+    for fig in ("speedup_hist.png", "accuracy_vs_latency.png", "thread_counts.png", "models.png"):
         assert (stage / fig).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     executed = nbformat.read(stage / "05_evaluation.ipynb", as_version=4)
     assert not [o for c in executed.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]

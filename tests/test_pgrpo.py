@@ -235,3 +235,34 @@ def test_real_policy_rollouts_through_hf_engine(tmp_path):
     questions = [p.question for p in problems for _ in range(G)]
     assert sorted(tuple(s.prompt_ids) for s in trainer._last_samples) == sorted(
         tuple(prompt_ids(TOK, q)) for q in questions)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_vllm_colocate_rollouts_on_gpu(tmp_path):
+    """TRL's colocated vLLM generates the rollouts (weights synced from the policy); one real step."""
+    problems = _problems()
+    model_dir = tmp_path / "model"
+    models.save_model(_model(), TOK, model_dir)
+    args = grpo_args(tmp_path / "run", max_steps=1, prompts_per_step=len(problems), num_generations=G,
+                     learning_rate=1e-3, use_cpu=False, use_vllm=True, vllm_gpu_memory_utilization=0.2)
+    Trainer = make_trainer_class()
+    trainer = Trainer(str(model_dir), TOK, _dataset(problems), args,
+                      PGRPOSettings(orchestrator=OrchestratorConfig(max_new_tokens=24, max_context=256)))
+    trainer.train()
+    log = [r for r in trainer.state.log_history if "loss" in r][0]
+    assert 0 < log["rollout/total_tokens"] <= 24 and torch.isfinite(torch.tensor(log["loss"]))
+    assert len(trainer._last_samples) == len(problems) * G
+
+
+def test_official_objective_switch_scores_every_flat_token_from_its_flat_predecessor():
+    p = _problems(1)[0]
+    prompt = prompt_ids(TOK, p.question)
+    r = Orchestrator(VariantEngine([p]), TOK, ORCH).run([prompt])[0]  # the parallel variant
+    assert r.metrics["num_blocks"] == 1
+    corrected, official = rollout_sample(r), rollout_sample(r, "official")
+    assert corrected.completion_ids == official.completion_ids
+    n = len(prompt)
+    assert all(official.scored) and official.sources == [n + j - 1 for j in range(len(official.completion_ids))]
+    # the corrected objective scores exactly the model's own tokens, each once
+    assert sum(corrected.scored) == sum(len(u.completion) for u in r.units) < len(corrected.completion_ids)

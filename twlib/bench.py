@@ -14,6 +14,11 @@ accuracy, token-latency and wall-clock speedups, parallel efficiency, orchestrat
 line per engine (HF always, vLLM where installed; vLLM also logs to stdout, so keep the lines that start
 with ``{``). Needs notebooks 01 and 02's outputs.
 
+``rl``: one P-GRPO step on the same rollouts of the parallel SFT model (train prompts, several
+samples each, temperature 1): tokens scored and seconds for the policy-gradient forward + backward
+with the trie (one sample per rollout, ancestor mask) vs expanded units (each engine call its own
+causal sequence, as the official RL did). Needs notebooks 01 and 02's outputs.
+
 ``data``: per task family (and per shape): examples, mean sequential vs parallel tokens, mean
 critical path, mean ideal speedup (sequential total / parallel critical path), activation rate,
 and segment-wise tokenisation drift with the tiny tokenizer and with the Qwen vocabulary.
@@ -230,6 +235,93 @@ def bench_orchestrator(profile: config.Profile, n_problems: int = 100) -> Iterat
                **{k: round(v, 4) if isinstance(v, float) else v for k, v in summary.items()}}
 
 
+def bench_rl(profile: config.Profile, n_prompts: int = 8, num_generations: int = 4, repeats: int = 3) -> Iterator[dict]:
+    """Trie vs expanded units for one RL step on cpu-demo rollouts (DESIGN §8: prefixes computed once)."""
+    import torch
+
+    from .data import load_parquet
+    from .engines import Sampling
+    from .engines.hf import HFEngine
+    from .models import load_model
+    from .orchestrator import Orchestrator, OrchestratorConfig
+    from .pgrpo import rollout_sample, tree_log_probs, tree_tensors
+    from .tokenizer import load_tokenizer, prompt_ids
+
+    root = config_root(profile)
+    path = root / "02_trie_sft" / "parallel_model"
+    if not path.is_dir():
+        raise SystemExit(f"no parallel model at {path}: run notebooks 01 and 02 of this profile first")
+    train = load_parquet(root / "01_trajectories" / "data")["train"]
+    questions = [r["question"] for r in train.select(range(n_prompts))]
+    tok = load_tokenizer(path)
+    model = load_model(path)
+    torch.manual_seed(0)
+    orch = Orchestrator(HFEngine(model, tok.eos_token_id), tok,
+                        OrchestratorConfig(max_new_tokens=2048, max_context=4096, sampling=Sampling(temperature=1.0, seed=0)))
+    t0 = time.perf_counter()
+    results = orch.run([prompt_ids(tok, q) for q in questions for _ in range(num_generations)])
+    rollout_seconds = time.perf_counter() - t0
+    model.train()
+    advantages = torch.randn(len(results))
+
+    samples = [rollout_sample(r) for r in results]
+    P, C = max(len(s.prompt_ids) for s in samples), max(len(s.completion_ids) for s in samples)
+    ids = torch.full((len(samples), P + C), tok.pad_token_id)
+    completion = torch.full((len(samples), C), tok.pad_token_id)
+    scored = torch.zeros((len(samples), C))
+    for b, s in enumerate(samples):
+        ids[b, P - len(s.prompt_ids):P + len(s.completion_ids)] = torch.tensor(s.prompt_ids + s.completion_ids)
+        completion[b, :len(s.completion_ids)] = torch.tensor(s.completion_ids)
+        scored[b, :len(s.scored)] = torch.tensor(s.scored, dtype=torch.float)
+    tree = tree_tensors(samples, P, C)
+
+    def trie_step():
+        logps, _ = tree_log_probs(model, ids, completion, scored, tree)
+        (-(advantages[:, None] * logps * scored).sum() / scored.sum()).backward()
+
+    units = [(u, a) for r, a in zip(results, advantages) for u in r.units if u.completion]
+    L = max(len(u.context) + len(u.completion) for u, _ in units)
+    uids = torch.full((len(units), L), tok.pad_token_id)
+    umask = torch.zeros((len(units), L), dtype=torch.long)
+    ulabels = torch.zeros((len(units), L), dtype=torch.long)
+    uscored = torch.zeros((len(units), L))
+    uadv = torch.tensor([float(a) for _, a in units])
+    for j, (u, _) in enumerate(units):
+        seq = list(u.context) + list(u.completion)
+        uids[j, :len(seq)] = torch.tensor(seq)
+        umask[j, :len(seq)] = 1
+        ulabels[j, len(u.context) - 1:len(seq) - 1] = torch.tensor(u.completion)
+        uscored[j, len(u.context) - 1:len(seq) - 1] = 1
+
+    def units_step():
+        for start in range(0, len(units), 16):  # bounded memory, like a micro-batched trainer
+            sl = slice(start, start + 16)
+            logps = torch.log_softmax(model(input_ids=uids[sl], attention_mask=umask[sl]).logits.float(), -1)
+            lp = logps.gather(-1, ulabels[sl].unsqueeze(-1)).squeeze(-1)
+            (-(uadv[sl, None] * lp * uscored[sl]).sum() / uscored.sum()).backward()
+
+    def timed(step) -> float:
+        step()
+        model.zero_grad(set_to_none=True)
+        best = float("inf")
+        for _ in range(repeats):
+            t = time.perf_counter()
+            step()
+            best = min(best, time.perf_counter() - t)
+            model.zero_grad(set_to_none=True)
+        return best
+
+    trie_tokens = sum(len(s.prompt_ids) + len(s.completion_ids) for s in samples)
+    unit_tokens = sum(len(u.context) + len(u.completion) for u, _ in units)
+    t_trie, t_units = timed(trie_step), timed(units_step)
+    yield {"bench": "rl", "profile": profile.name, "rollouts": len(results),
+           "activation": round(sum(r.metrics["activated"] for r in results) / len(results), 3),
+           "trie_tokens": trie_tokens, "expanded_tokens": unit_tokens,
+           "trie_over_expanded": round(trie_tokens / unit_tokens, 3), "expanded_sequences": len(units),
+           "trie_step_seconds": round(t_trie, 3), "expanded_step_seconds": round(t_units, 3),
+           "trie_speedup": round(t_units / t_trie, 2), "rollout_seconds": round(rollout_seconds, 1)}
+
+
 def config_root(profile: config.Profile):
     from .runs import project_root
 
@@ -239,7 +331,7 @@ def config_root(profile: config.Profile):
 
 BENCHES: dict[str, Callable[[config.Profile], Iterator[dict]]] = {"data": bench_data, "trie": bench_trie,
                                                                     "induction": bench_induction,
-                                                                    "orchestrator": bench_orchestrator}
+                                                                    "orchestrator": bench_orchestrator, "rl": bench_rl}
 
 
 def main(argv: list[str] | None = None) -> int:

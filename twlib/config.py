@@ -320,6 +320,7 @@ class TrajectoriesConfig(StageConfig):
     n_train_short: int = 0
     short_repeats_max: int = 3
     short_groups_max: int = 4
+    coarse_fraction: float = 0.0
     prod_factors_min: int = 3
     prod_factors_max: int = 4
     prod_factor_min: int = 2
@@ -355,6 +356,7 @@ class TrajectoriesConfig(StageConfig):
                     f"must satisfy 1 <= short_repeats_max <= {MAX_REPEATS}")
         self._check(self.expr_groups_min <= self.short_groups_max <= MAX_GROUPS, "short_groups_max",
                     f"must satisfy expr_groups_min <= short_groups_max <= {MAX_GROUPS}")
+        self._check(0.0 <= self.coarse_fraction <= 1.0, "coarse_fraction", "must be in [0, 1]")
         self._check(self.n_train_short == 0 or "expressions" in self.families, "n_train_short",
                     "needs the expressions family")
         self._check(2 <= self.prod_factors_min <= self.prod_factors_max, "prod_factors_min",
@@ -467,6 +469,7 @@ class EvaluationConfig(StageConfig):
     max_threads: int = 8
     max_blocks: int = 8
     temperature: float = 0.0
+    include_rl: bool = False
 
     def validate(self) -> None:
         self._check(self.engine in ("hf", "vllm"), "engine", "must be 'hf' or 'vllm'")
@@ -494,3 +497,65 @@ class EvaluationConfig(StageConfig):
         from .models import load_model
 
         return HFEngine(load_model(model_path), eos_token_id)
+
+
+@register_stage
+@dataclass(frozen=True, kw_only=True)
+class PGRPOConfig(StageConfig):
+    """Parameters of notebooks/04_pgrpo.ipynb (rollouts, rewards, optimiser, ablation)."""
+
+    stage: ClassVar[str] = "04_pgrpo"
+
+    max_steps: int = 40
+    prompts_per_step: int = 8
+    num_generations: int = 4
+    learning_rate: float = 1e-4
+    temperature: float = 1.0
+    top_p: float = 1.0
+    rho: float = 0.5
+    clip: float = 0.2
+    incorrect_reward: float = 0.0
+    acceleration_reward: bool = True
+    objective: str = "corrected"
+    run_ablation: bool = True
+    max_new_tokens: int = 1024
+    max_thread_tokens: int = 512
+    max_threads: int = 8
+    max_blocks: int = 8
+    logging_steps: int = 1
+    save_steps: int = 10
+
+    def validate(self) -> None:
+        for name in ("max_steps", "prompts_per_step", "max_new_tokens", "max_thread_tokens", "max_threads",
+                     "logging_steps", "save_steps"):
+            self._check(getattr(self, name) >= 1, name, "must be >= 1")
+        self._check(self.num_generations >= 2, "num_generations", "must be >= 2 (advantages compare a group)")
+        self._check(self.learning_rate > 0, "learning_rate", "must be > 0")
+        self._check(self.temperature > 0, "temperature", "must be > 0 (rollouts are sampled)")
+        self._check(0 < self.top_p <= 1, "top_p", "must be in (0, 1]")
+        self._check(self.rho >= 0, "rho", "must be >= 0")
+        self._check(0 <= self.clip <= 1, "clip", "must be in [0, 1] (an acceleration ratio)")
+        self._check(self.objective in ("corrected", "official"), "objective", "must be 'corrected' or 'official'")
+        self._check(self.max_blocks >= 0, "max_blocks", "must be >= 0")
+
+    def settings(self, branching: bool, max_context: int):
+        from .orchestrator import OrchestratorConfig
+        from .pgrpo import PGRPOSettings
+        from .rewards import RewardConfig
+
+        return PGRPOSettings(
+            rewards=RewardConfig(rho=self.rho, clip=self.clip, incorrect_reward=self.incorrect_reward,
+                                 acceleration=self.acceleration_reward),
+            orchestrator=OrchestratorConfig(max_new_tokens=self.max_new_tokens, max_thread_tokens=self.max_thread_tokens,
+                                            max_context=max_context, max_threads=self.max_threads,
+                                            max_blocks=self.max_blocks),
+            objective=self.objective, branching=branching)
+
+    def grpo_args(self, output_dir, std_advantages: bool = False):
+        from .pgrpo import grpo_args
+
+        return grpo_args(output_dir, max_steps=self.max_steps, prompts_per_step=self.prompts_per_step,
+                         num_generations=self.num_generations, learning_rate=self.learning_rate,
+                         temperature=self.temperature, top_p=self.top_p, std_advantages=std_advantages,
+                         logging_steps=self.logging_steps, save_steps=self.save_steps, seed=self.seed,
+                         max_completion_length=self.max_new_tokens)

@@ -39,6 +39,9 @@ def problem_row(p: Problem, tokenizer, split: str, index: int) -> dict:
         "prompt": [{"role": "user", "content": p.question}],
         "completion": [{"role": "assistant", "content": par_text}],
         "sequential_completion": [{"role": "assistant", "content": seq_text}],
+        # The same plan with two sub-computations per thread (`Plan.coarsened`): the other split a model
+        # trained with coarse_fraction > 0 may choose; reference scores accept either.
+        "coarse_completion": [{"role": "assistant", "content": p.plan.coarsened().parallel_text()}],
         "prompt_tokens": len(prompt_ids(tokenizer, p.question)),
         "seq_tokens": seq_tokens, "par_total_tokens": par_total, "par_critical_tokens": par_critical,
         "num_blocks": q.num_blocks, "max_threads": max(q.threads_per_block or (1,)),

@@ -121,3 +121,28 @@ def paper_comparison(table):
     ours = table[(table.family == "all") & (table["shape"] == "all")].iloc[0]
     return pd.DataFrame([{"run": "paper: Qwen3-8B, six benchmarks", **PAPER_HEADLINE},
                          {"run": "this run", **{k: float(ours[k]) for k in PAPER_HEADLINE}}]).set_index("run")
+
+
+def model_table(records: dict, baseline: str = "sequential"):
+    """One row per evaluated model (SFT and RL alike): accuracy, mean total and critical-path tokens, mean
+    per-problem speedup against ``baseline``'s total tokens on the same problem, activation ratio (pandas).
+
+    >>> base = [{"gold": "1", "correct": True, "total_tokens": 300, "critical_path_tokens": 300, "num_blocks": 0}]
+    >>> par = [{"gold": "1", "correct": True, "total_tokens": 320, "critical_path_tokens": 150, "num_blocks": 1}]
+    >>> float(model_table({"sequential": base, "parallel": par}).loc["parallel", "mean_speedup"])
+    2.0
+    """
+    import pandas as pd
+
+    base = records[baseline]
+    rows = {}
+    for name, recs in records.items():
+        if len(recs) != len(base) or any(r["gold"] != b["gold"] for r, b in zip(recs, base)):
+            raise ValueError(f"{name} was not evaluated on the same problems as {baseline}")
+        n = len(recs)
+        rows[name] = {"accuracy": sum(r["correct"] for r in recs) / n,
+                      "total_tokens": sum(r["total_tokens"] for r in recs) / n,
+                      "critical_path_tokens": sum(r["critical_path_tokens"] for r in recs) / n,
+                      "mean_speedup": sum(b["total_tokens"] / r["critical_path_tokens"] for r, b in zip(recs, base)) / n,
+                      "activation": sum(r["num_blocks"] > 0 for r in recs) / n}
+    return pd.DataFrame(rows).T

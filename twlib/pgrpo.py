@@ -127,8 +127,9 @@ def make_trainer_class():
     class ParallelGRPOTrainer(GRPOTrainer):
         """``GRPOTrainer`` whose rollouts go through the fork-join orchestrator and are scored as tries.
 
-        ``engine`` defaults to `twlib.engines.hf.HFEngine` over the policy itself (CPU); pass any engine
-        (e.g. vLLM sharing the policy's weights) to replace it.
+        ``engine`` defaults to `twlib.engines.hf.HFEngine` over the policy itself, or, with ``use_vllm``
+        (colocate), to `twlib.engines.vllm.VLLMEngine` over TRL's in-process ``vllm.LLM``, whose weights TRL
+        syncs from the policy before each rollout; pass any engine to replace it.
         """
 
         def __init__(self, model, tokenizer, train_dataset, args, settings: PGRPOSettings = PGRPOSettings(),
@@ -156,7 +157,18 @@ def make_trainer_class():
             cfg = self.settings.orchestrator
             cfg = dataclasses.replace(cfg, sampling=Sampling(temperature=self.args.temperature, top_p=self.args.top_p),
                                       max_blocks=cfg.max_blocks if self.settings.branching else 0)
-            engine = self._engine or HFEngine(self.accelerator.unwrap_model(self.model), self.processing_class.eos_token_id)
+            eos = self.processing_class.eos_token_id
+            if self._engine is not None:
+                engine = self._engine
+            elif self.use_vllm:
+                if self.vllm_mode != "colocate":
+                    raise ValueError("P-GRPO rollouts use TRL's vLLM in vllm_mode='colocate'; for a separate "
+                                     "server pass engine=OpenAIEngine(...) of a server that follows the policy")
+                from .engines.vllm import VLLMEngine
+
+                engine = VLLMEngine(self.vllm_generation.llm, eos)  # TRL syncs its weights before each rollout
+            else:
+                engine = HFEngine(self.accelerator.unwrap_model(self.model), eos)
             return Orchestrator(engine, self.processing_class, cfg)
 
         def _rollout(self, prompts: list, trainer) -> dict:
@@ -226,7 +238,8 @@ def make_trainer_class():
 
 def grpo_args(output_dir, *, max_steps: int, prompts_per_step: int, num_generations: int, learning_rate: float,
               temperature: float = 1.0, top_p: float = 1.0, std_advantages: bool = False, logging_steps: int = 1,
-              save_steps: int = 50, seed: int = 0, use_cpu: bool = True, bf16: bool = False, max_completion_length: int = 2048):
+              save_steps: int = 50, seed: int = 0, use_cpu: bool = True, bf16: bool = False, max_completion_length: int = 2048,
+              use_vllm: bool = False, vllm_gpu_memory_utilization: float = 0.3):
     """``GRPOConfig`` for P-GRPO: mean-centred advantages, token-mean loss, no KL, plain on-policy steps."""
     from trl import GRPOConfig
 
@@ -240,4 +253,96 @@ def grpo_args(output_dir, *, max_steps: int, prompts_per_step: int, num_generati
         logging_steps=logging_steps, save_steps=save_steps, save_total_limit=2, seed=seed, data_seed=seed,
         use_cpu=use_cpu, bf16=bf16, gradient_checkpointing=False, report_to="none", dataloader_num_workers=0,
         mask_truncated_completions=False, log_completions=False,
+        use_vllm=use_vllm, vllm_mode="colocate", vllm_gpu_memory_utilization=vllm_gpu_memory_utilization,
+        # The orchestrator samples the rollouts; TRL's importance-sampling correction needs vLLM's own
+        # per-token log-probs of a single call, which a multi-call rollout does not have.
+        vllm_importance_sampling_correction=False,
     )
+
+
+# ------------------------------------------------------------------------------- notebook 04
+RUNS = {  # name → (SFT model it starts from, branching, std-normalised advantages)
+    "pgrpo": ("parallel", True, False),
+    "grpo_sequential": ("sequential", False, False),
+    "pgrpo_std": ("parallel", True, True),
+}
+
+
+def prompt_dataset(train_ds, n: int, seed: int):
+    """``n`` training prompts of the target distribution (no ``short-`` problems), shuffled: ``prompt``,
+    ``answer``, ``question`` columns for TRL."""
+    keep = [i for i, shape in enumerate(train_ds["shape"]) if not shape.startswith("short-")]
+    ds = train_ds.select(keep).shuffle(seed=seed)
+    return ds.select(range(min(n, len(ds)))).select_columns(["prompt", "answer", "question"])
+
+
+def train_policy(name: str, cfg, tokenizer, prompts, sft_dir, run) -> dict:
+    """One RL run of notebook 04 (`RUNS`): from ``<sft_dir>/<kind>_model``, checkpoints in
+    ``<run>/<name>_checkpoints`` (an interrupted run resumes from the newest), the final model in
+    ``<run>/<name>_model``. Returns ``{"log", "model_path", "guard_counts"}``."""
+    from .models import context_length, load_model, save_model
+    from .sft import last_checkpoint
+
+    kind, branching, std = RUNS[name]
+    init = sft_dir / f"{kind}_model"
+    model = load_model(init)
+    Trainer = make_trainer_class()
+    trainer = Trainer(model, tokenizer, prompts, cfg.grpo_args(run.path(f"{name}_checkpoints"), std),
+                      cfg.settings(branching, context_length(init)))
+    with run.timer(f"train_{name}"):
+        trainer.train(resume_from_checkpoint=last_checkpoint(trainer.args.output_dir))
+    path = save_model(model, tokenizer, run.path(f"{name}_model"), overwrite=True)
+    return {"log": [dict(r) for r in trainer.state.log_history], "model_path": str(path),
+            "guard_counts": dict(trainer.guard_counts)}
+
+
+HISTORY_COLUMNS = {"reward": "reward", "accuracy": "accuracy", "rollout/acceleration_ratio": "acceleration_ratio",
+                   "rollout/critical_path_tokens": "critical_path_tokens", "rollout/total_tokens": "total_tokens",
+                   "rollout/activated": "activation_ratio", "rollout/threads_per_block": "threads_per_block",
+                   "rollout/guard_hit_ratio": "guard_hit_ratio", "loss": "loss"}
+
+
+def history(log: list[dict]):
+    """Per-step rollout statistics of a run's trainer log (pandas), one row per logged step."""
+    import pandas as pd
+
+    rows = [{"step": r["step"], **{short: r.get(key) for key, short in HISTORY_COLUMNS.items()}}
+            for r in log if "reward" in r]
+    return pd.DataFrame(rows)
+
+
+def final_summary(histories: dict, share: float = 0.25):
+    """Mean of each statistic over the last ``share`` of the logged steps, one row per run (pandas)."""
+    import pandas as pd
+
+    rows = {}
+    for name, df in histories.items():
+        tail = df.tail(max(1, int(round(len(df) * share))))
+        rows[name] = tail.drop(columns=["step", "loss"]).mean()
+    return pd.DataFrame(rows).T
+
+
+def describe_rollout(model_path, tokenizer, row: dict, cfg) -> dict:
+    """One sampled rollout of a saved model on ``row`` (``question``, ``answer``): its text, reward, and
+    the tokens its trie holds vs the tokens of its engine calls scored one by one."""
+    import dataclasses
+
+    from .engines import Sampling
+    from .engines.hf import HFEngine
+    from .models import context_length, load_model
+    from .rewards import score
+    from .tokenizer import prompt_ids
+
+    settings = cfg.settings(branching=True, max_context=context_length(model_path))
+    orch_cfg = dataclasses.replace(settings.orchestrator,
+                                   sampling=Sampling(temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed))
+    result = Orchestrator(HFEngine(load_model(model_path), tokenizer.eos_token_id), tokenizer, orch_cfg).run(
+        [prompt_ids(tokenizer, row["question"])])[0]
+    parts = score(result.text, row["answer"], result.metrics["acceleration_ratio"], settings.rewards)
+    sample = rollout_sample(result, settings.objective)
+    return {"text": result.text, "correct": parts.correct, "reward": parts.total,
+            "acceleration_ratio": round(result.metrics["acceleration_ratio"], 3),
+            "engine_calls": len(result.units), "flags": dict(result.flags),
+            "trie_tokens": len(sample.prompt_ids) + len(sample.completion_ids),
+            "expanded_tokens": sum(len(u.context) + len(u.completion) for u in result.units),
+            "scored_tokens": sum(sample.scored)}

@@ -136,3 +136,40 @@ def thread_counts(frame):
     ax.set(xlabel="threads in a block", ylabel="blocks", title="Thread-count distribution")
     fig.tight_layout()
     return fig
+
+
+def rl_curves(histories: dict, window: int = 5):
+    """Per-step RL statistics of several runs (``{name: pgrpo.history(...)}``), smoothed over ``window`` steps."""
+    import pandas as pd
+
+    plt, sns = _setup()
+    panels = [("reward", "reward"), ("accuracy", "accuracy (sampled)"), ("acceleration_ratio", "acceleration ratio"),
+              ("critical_path_tokens", "critical-path tokens"), ("total_tokens", "total tokens"),
+              ("activation_ratio", "activation ratio"), ("threads_per_block", "threads per block"),
+              ("guard_hit_ratio", "rollouts hitting a guard")]
+    frames = []
+    for name, df in histories.items():
+        smooth = df.set_index("step").drop(columns=["loss"], errors="ignore").rolling(window, min_periods=1).mean()
+        frames.append(smooth.reset_index().assign(run=name))
+    data = pd.concat(frames, ignore_index=True)
+    fig, axes = plt.subplots(2, 4, figsize=(16, 6.5), sharex=True)
+    for ax, (column, title) in zip(axes.flat, panels):
+        sns.lineplot(data=data, x="step", y=column, hue="run", ax=ax, legend=ax is axes.flat[0])
+        ax.set(title=title, ylabel="", xlabel="RL step")
+    fig.suptitle(f"RL rollouts per step (moving mean over {window} steps)")
+    fig.tight_layout()
+    return fig
+
+
+def model_comparison(table):
+    """Accuracy (x) vs mean per-problem speedup (y) of every evaluated model (`evaluation.model_table`)."""
+    plt, sns = _setup()
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    sns.scatterplot(x=table["accuracy"], y=table["mean_speedup"], hue=table.index.rename("model"), s=90, ax=ax)
+    for name, row in table.iterrows():
+        ax.annotate(name, (row["accuracy"], row["mean_speedup"]), textcoords="offset points", xytext=(6, 4), fontsize=8)
+    ax.axhline(1.0, ls="--", c="grey", lw=1)
+    ax.set(xlabel="test accuracy", ylabel="mean per-problem speedup vs sequential SFT",
+           title="SFT and RL models: accuracy and token-latency speedup")
+    fig.tight_layout()
+    return fig

@@ -127,6 +127,27 @@ def short_training_problems(problems: dict[str, list[Problem]], sizes: dict[str,
     return out
 
 
+def coarsen_threads(problems: list[Problem], fraction: float, seed: int) -> list[Problem]:
+    """A ``fraction`` of ``problems`` (drawn with ``seed``) get `Plan.coarsened` parallel CoTs, shape
+    suffixed ``-coarse``. Training on both granularities leaves the choice to the model, so RL's
+    acceleration reward has a finer split to prefer (paper §3.3: RL raises parallelism).
+
+    >>> mix = TaskMix(["expressions"], [1.0], {"expressions": ExpressionParams(balanced_fraction=1.0)})
+    >>> out = coarsen_threads([mix.sample(random.Random(0))], 1.0, seed=0)
+    >>> out[0].shape, out[0].plan.max_threads
+    ('balanced-coarse', 2)
+    """
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"coarse fraction must be in [0, 1], got {fraction}")
+    rng = random.Random(f"coarse-{seed}")
+    out = []
+    for p in problems:
+        if rng.random() < fraction and p.plan.coarsened() != p.plan:
+            p = dataclasses.replace(p, plan=p.plan.coarsened(), shape=f"{p.shape}-coarse")
+        out.append(p)
+    return out
+
+
 def check_disjoint(questions_by_split: dict[str, list[str]]) -> None:
     """Raise if any question appears in two splits (or twice in one)."""
     owner: dict[str, str] = {}
@@ -138,5 +159,5 @@ def check_disjoint(questions_by_split: dict[str, list[str]]) -> None:
 
 
 __all__ = ["ExpressionParams", "ProductParams", "Problem", "Plan", "Fork", "Group", "TaskMix",
-           "FAMILIES", "SPLITS", "make_problem", "generate_splits", "short_training_problems", "split_of",
+           "FAMILIES", "SPLITS", "make_problem", "generate_splits", "short_training_problems", "coarsen_threads", "split_of",
            "check_disjoint"]

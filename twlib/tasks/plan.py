@@ -75,6 +75,25 @@ class Plan:
     def parallel_text(self) -> str:
         return self.parallel_trajectory().render()
 
+    def coarsened(self) -> "Plan":
+        """The same plan with neighbouring groups of every fork of 3+ groups paired into one thread.
+
+        Same lines, fewer and longer threads: a longer critical path for the same work (a 4-group
+        fork becomes 2 threads of two groups). Forks of 2 groups stay as they are.
+
+        >>> g = [Group(x, (x.lower(),)) for x in "ABC"]
+        >>> [x.label for x in Plan((Fork(tuple(g)),), "1").coarsened().steps[0].groups]
+        ['A B', 'C']
+        """
+        steps: list[Step] = []
+        for step in self.steps:
+            if isinstance(step, Fork) and len(step.groups) >= 3:
+                pairs = [step.groups[i:i + 2] for i in range(0, len(step.groups), 2)]
+                step = Fork(tuple(Group(" ".join(g.label for g in pair), tuple(ln for g in pair for ln in g.lines))
+                                  for pair in pairs))
+            steps.append(step)
+        return Plan(tuple(steps), self.answer)
+
     @property
     def max_threads(self) -> int:
         return max([len(s.groups) for s in self.steps if isinstance(s, Fork)] or [1])
