@@ -244,3 +244,21 @@ def test_notebook_05_smoke(smoke_outputs):
         assert (stage / fig).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     executed = nbformat.read(stage / "05_evaluation.ipynb", as_version=4)
     assert not [o for c in executed.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
+
+
+@pytest.mark.notebooks
+def test_bench_rl_on_smoke_outputs(smoke_outputs, tmp_path, capsys):
+    from twlib import bench
+
+    folder, spec = smoke_outputs
+    params = tmp_path / "smoke.yaml"
+    params.write_text(yaml.safe_dump(dict(spec, output_root=str(folder.parent))))
+    assert bench.main(["rl", "--params", str(params)]) == 0
+    (record,) = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    rl = spec["04_pgrpo"]
+    assert record["rollouts"] == rl["prompts_per_step"] * rl["num_generations"]
+    assert record["expanded_sequences"] >= record["rollouts"]
+    # each rollout's trie holds its prompt once; expanded units repeat it once per engine call
+    assert record["trie_tokens"] <= record["expanded_tokens"]
+    assert record["trie_over_expanded"] == pytest.approx(record["trie_tokens"] / record["expanded_tokens"], abs=1e-3)
+    assert record["trie_step_seconds"] > 0 and record["expanded_step_seconds"] > 0

@@ -14,8 +14,8 @@ accuracy, token-latency and wall-clock speedups, parallel efficiency, orchestrat
 line per engine (HF always, vLLM where installed; vLLM also logs to stdout, so keep the lines that start
 with ``{``). Needs notebooks 01 and 02's outputs.
 
-``rl``: one P-GRPO step on the same rollouts of the parallel SFT model (train prompts, several
-samples each, temperature 1): tokens scored and seconds for the policy-gradient forward + backward
+``rl``: one P-GRPO step on the same rollouts of the parallel SFT model (the profile's notebook-04
+prompts per step, rollouts per prompt, temperature and budgets): tokens scored and seconds for the policy-gradient forward + backward
 with the trie (one sample per rollout, ancestor mask) vs expanded units (each engine call its own
 causal sequence, as the official RL did). Needs notebooks 01 and 02's outputs.
 
@@ -235,14 +235,15 @@ def bench_orchestrator(profile: config.Profile, n_problems: int = 100) -> Iterat
                **{k: round(v, 4) if isinstance(v, float) else v for k, v in summary.items()}}
 
 
-def bench_rl(profile: config.Profile, n_prompts: int = 8, num_generations: int = 4, repeats: int = 3) -> Iterator[dict]:
-    """Trie vs expanded units for one RL step on cpu-demo rollouts (DESIGN §8: prefixes computed once)."""
+def bench_rl(profile: config.Profile, repeats: int = 3) -> Iterator[dict]:
+    """Trie vs expanded units for one RL step of the profile's notebook-04 settings (prompts per step,
+    rollouts per prompt, temperature, budgets) on rollouts of its parallel SFT model (DESIGN §8)."""
     import torch
 
     from .data import load_parquet
     from .engines import Sampling
     from .engines.hf import HFEngine
-    from .models import load_model
+    from .models import context_length, load_model
     from .orchestrator import Orchestrator, OrchestratorConfig
     from .pgrpo import rollout_sample, tree_log_probs, tree_tensors
     from .tokenizer import load_tokenizer, prompt_ids
@@ -252,14 +253,17 @@ def bench_rl(profile: config.Profile, n_prompts: int = 8, num_generations: int =
     if not path.is_dir():
         raise SystemExit(f"no parallel model at {path}: run notebooks 01 and 02 of this profile first")
     train = load_parquet(root / "01_trajectories" / "data")["train"]
-    questions = [r["question"] for r in train.select(range(n_prompts))]
+    rl = (profile.stage_config("04_pgrpo") if "04_pgrpo" in profile.stages
+          else config.PGRPOConfig.from_dict({"profile": profile.name}))
+    questions = [r["question"] for r in train.select(range(rl.prompts_per_step))]
     tok = load_tokenizer(path)
     model = load_model(path)
-    torch.manual_seed(0)
-    orch = Orchestrator(HFEngine(model, tok.eos_token_id), tok,
-                        OrchestratorConfig(max_new_tokens=2048, max_context=4096, sampling=Sampling(temperature=1.0, seed=0)))
+    torch.manual_seed(rl.seed)
+    orch = Orchestrator(HFEngine(model, tok.eos_token_id), tok, OrchestratorConfig(
+        max_new_tokens=rl.max_new_tokens, max_thread_tokens=rl.max_thread_tokens, max_context=context_length(path),
+        sampling=Sampling(temperature=rl.temperature, top_p=rl.top_p, seed=rl.seed)))
     t0 = time.perf_counter()
-    results = orch.run([prompt_ids(tok, q) for q in questions for _ in range(num_generations)])
+    results = orch.run([prompt_ids(tok, q) for q in questions for _ in range(rl.num_generations)])
     rollout_seconds = time.perf_counter() - t0
     model.train()
     advantages = torch.randn(len(results))

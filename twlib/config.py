@@ -408,7 +408,7 @@ class TrieSFTConfig(StageConfig):
     intermediate_size: int = 512
     qk_norm_init: float = 1.0
     rope_theta: float = 10000.0
-    max_steps: int = 1200
+    max_steps: int = 1400
     batch_rows: int = 4
     row_tokens: int = 1024
     learning_rate: float = 5e-4
@@ -509,7 +509,7 @@ class PGRPOConfig(StageConfig):
     max_steps: int = 40
     prompts_per_step: int = 8
     num_generations: int = 4
-    learning_rate: float = 1e-4
+    learning_rate: float = 1e-5
     temperature: float = 1.0
     top_p: float = 1.0
     rho: float = 0.5
