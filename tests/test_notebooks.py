@@ -254,11 +254,13 @@ def test_bench_rl_on_smoke_outputs(smoke_outputs, tmp_path, capsys):
     params = tmp_path / "smoke.yaml"
     params.write_text(yaml.safe_dump(dict(spec, output_root=str(folder.parent))))
     assert bench.main(["rl", "--params", str(params)]) == 0
-    (record,) = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    records = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert [r["policy"] for r in records] == ["parallel_sft", "pgrpo"]  # the start and the end of RL
     rl = spec["04_pgrpo"]
-    assert record["rollouts"] == rl["prompts_per_step"] * rl["num_generations"]
-    assert record["expanded_sequences"] >= record["rollouts"]
-    # each rollout's trie holds its prompt once; expanded units repeat it once per engine call
-    assert record["trie_tokens"] <= record["expanded_tokens"]
-    assert record["trie_over_expanded"] == pytest.approx(record["trie_tokens"] / record["expanded_tokens"], abs=1e-3)
-    assert record["trie_step_seconds"] > 0 and record["expanded_step_seconds"] > 0
+    for record in records:
+        assert record["rollouts"] == rl["prompts_per_step"] * rl["num_generations"]
+        assert record["expanded_sequences"] >= record["rollouts"]
+        # each rollout's trie holds its prompt once; expanded units repeat it once per engine call
+        assert record["trie_tokens"] <= record["expanded_tokens"]
+        assert record["trie_over_expanded"] == pytest.approx(record["trie_tokens"] / record["expanded_tokens"], abs=1e-3)
+        assert record["trie_step_seconds"] > 0 and record["expanded_step_seconds"] > 0

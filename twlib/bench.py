@@ -237,7 +237,20 @@ def bench_orchestrator(profile: config.Profile, n_problems: int = 100) -> Iterat
 
 def bench_rl(profile: config.Profile, repeats: int = 3) -> Iterator[dict]:
     """Trie vs expanded units for one RL step of the profile's notebook-04 settings (prompts per step,
-    rollouts per prompt, temperature, budgets) on rollouts of its parallel SFT model (DESIGN §8)."""
+    rollouts per prompt, temperature, budgets) on rollouts of its parallel SFT model and, once notebook 04
+    has run, of the P-GRPO model (the policies at the start and the end of RL; DESIGN §8)."""
+    root = config_root(profile)
+    path = root / "02_trie_sft" / "parallel_model"
+    if not path.is_dir():
+        raise SystemExit(f"no parallel model at {path}: run notebooks 01 and 02 of this profile first")
+    policies = {"parallel_sft": path}
+    if (root / "04_pgrpo" / "pgrpo_model").is_dir():  # the policy at the end of RL, when notebook 04 has run
+        policies["pgrpo"] = root / "04_pgrpo" / "pgrpo_model"
+    for policy, model_path in policies.items():
+        yield from _bench_rl_policy(profile, policy, model_path, repeats)
+
+
+def _bench_rl_policy(profile: config.Profile, policy: str, path, repeats: int) -> Iterator[dict]:
     import torch
 
     from .data import load_parquet
@@ -249,9 +262,6 @@ def bench_rl(profile: config.Profile, repeats: int = 3) -> Iterator[dict]:
     from .tokenizer import load_tokenizer, prompt_ids
 
     root = config_root(profile)
-    path = root / "02_trie_sft" / "parallel_model"
-    if not path.is_dir():
-        raise SystemExit(f"no parallel model at {path}: run notebooks 01 and 02 of this profile first")
     train = load_parquet(root / "01_trajectories" / "data")["train"]
     rl = (profile.stage_config("04_pgrpo") if "04_pgrpo" in profile.stages
           else config.PGRPOConfig.from_dict({"profile": profile.name}))
@@ -318,7 +328,7 @@ def bench_rl(profile: config.Profile, repeats: int = 3) -> Iterator[dict]:
     trie_tokens = sum(len(s.prompt_ids) + len(s.completion_ids) for s in samples)
     unit_tokens = sum(len(u.context) + len(u.completion) for u, _ in units)
     t_trie, t_units = timed(trie_step), timed(units_step)
-    yield {"bench": "rl", "profile": profile.name, "rollouts": len(results),
+    yield {"bench": "rl", "profile": profile.name, "policy": policy, "rollouts": len(results),
            "activation": round(sum(r.metrics["activated"] for r in results) / len(results), 3),
            "trie_tokens": trie_tokens, "expanded_tokens": unit_tokens,
            "trie_over_expanded": round(trie_tokens / unit_tokens, 3), "expanded_sequences": len(units),
