@@ -187,6 +187,40 @@ def test_notebook_02_smoke(smoke_outputs):
 
 
 @pytest.mark.notebooks
+def test_notebook_03_smoke(smoke_outputs):
+    from twlib import format as fmt
+    from twlib.grading import grade
+    from twlib.models import load_model
+
+    folder, spec = smoke_outputs
+    stage = folder / "03_self_training"
+    params = spec["03_self_training"]
+    metrics = json.loads((stage / "metrics.json").read_text())["metrics"]
+    records = [json.loads(line) for line in (stage / "rollouts.jsonl").read_text().splitlines()]
+    assert len(records) == params["n_prompts"] * params["samples_per_prompt"] == metrics["yield"]["rollouts"]
+    assert sum(metrics["yield"]["counts"].values()) == len(records)
+    for reason, n in metrics["yield"]["counts"].items():
+        assert n == sum(r["reason"] == reason for r in records)
+    for r in records:
+        assert (r["text"] is not None) == (r["reason"] in ("kept", "duplicate"))
+        assert r["total_tokens"] <= params["max_new_tokens"]
+        if r["text"] is not None:
+            fmt.parse(r["text"], strict=True)
+            assert grade(r["text"], r["answer"]).correct
+    merged = [json.loads(line) for line in (stage / "data" / "train.jsonl").read_text().splitlines()]
+    assert len(merged) == metrics["merged"] == metrics["kept_rollouts"] + metrics["stage1"]["synthetic"]
+    assert metrics["stage1"]["synthetic"] == params["merge_synthetic"]
+    assert all(fmt.parse(e["text"], strict=True).answer for e in merged)
+    assert (stage / "parallel_checkpoints" / f"checkpoint-{params['max_steps']}").is_dir()
+    assert load_model(stage / "parallel_model").config.hidden_size == spec["02_trie_sft"]["hidden_size"]
+    assert set(metrics["before_after"]) == {"parallel_sft", "self_trained"}
+    for row in metrics["before_after"].values():
+        assert 0 <= row["format_correct_rate"] <= 1 and row["total_tokens"] <= params["max_new_tokens"]
+    for fig in ("rollout_fates.png", "loss_curve.png"):
+        assert (stage / fig).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.notebooks
 def test_notebook_04_smoke(smoke_outputs):
     folder, spec = smoke_outputs
     stage = folder / "04_pgrpo"
@@ -223,7 +257,7 @@ def test_notebook_05_smoke(smoke_outputs):
     metrics = json.loads((stage / "metrics.json").read_text())
     assert metrics["status"] == "complete"
     records = {kind: [json.loads(line) for line in (stage / f"{kind}.jsonl").read_text().splitlines()]
-               for kind in ("sequential", "parallel", "grpo_sequential", "pgrpo", "pgrpo_std")}
+               for kind in ("sequential", "parallel", "self_trained", "grpo_sequential", "pgrpo", "pgrpo_std")}
     test = data.load_parquet(folder / "01_trajectories" / "data")["test"]
     for kind, rows in records.items():
         assert [r["id"] for r in rows] == test["id"][:params["n_test"]]
@@ -233,6 +267,8 @@ def test_notebook_05_smoke(smoke_outputs):
         assert metrics["metrics"]["models"][kind]["accuracy"] == pytest.approx(accuracy)
         if kind in ("sequential", "parallel"):
             assert metrics["metrics"][f"{kind}_accuracy"] == pytest.approx(accuracy)
+        format_ok = sum(r["format_correct"] for r in rows) / len(rows)
+        assert metrics["metrics"]["models"][kind]["format_correct_rate"] == pytest.approx(format_ok)
     speedups = [s["total_tokens"] / p["critical_path_tokens"] for s, p in zip(records["sequential"], records["parallel"])]
     assert metrics["metrics"]["mean_speedup"] == pytest.approx(sum(speedups) / len(speedups))
     models = metrics["metrics"]["models"]

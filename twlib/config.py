@@ -469,6 +469,7 @@ class EvaluationConfig(StageConfig):
     max_threads: int = 8
     max_blocks: int = 8
     temperature: float = 0.0
+    include_self_training: bool = False
     include_rl: bool = False
 
     def validate(self) -> None:
@@ -517,6 +518,7 @@ class PGRPOConfig(StageConfig):
     incorrect_reward: float = 0.0
     acceleration_reward: bool = True
     objective: str = "corrected"
+    parallel_init: str = "02_trie_sft"
     run_ablation: bool = True
     max_new_tokens: int = 1024
     max_thread_tokens: int = 512
@@ -536,6 +538,8 @@ class PGRPOConfig(StageConfig):
         self._check(self.rho >= 0, "rho", "must be >= 0")
         self._check(0 <= self.clip <= 1, "clip", "must be in [0, 1] (an acceleration ratio)")
         self._check(self.objective in ("corrected", "official"), "objective", "must be 'corrected' or 'official'")
+        self._check(self.parallel_init in ("02_trie_sft", "03_self_training"), "parallel_init",
+                    "must be '02_trie_sft' (the parallel SFT model) or '03_self_training' (the self-trained one)")
         self._check(self.max_blocks >= 0, "max_blocks", "must be >= 0")
 
     def settings(self, branching: bool, max_context: int):
@@ -559,3 +563,63 @@ class PGRPOConfig(StageConfig):
                          temperature=self.temperature, top_p=self.top_p, std_advantages=std_advantages,
                          logging_steps=self.logging_steps, save_steps=self.save_steps, seed=self.seed,
                          max_completion_length=self.max_new_tokens)
+
+
+@register_stage
+@dataclass(frozen=True, kw_only=True)
+class SelfTrainingConfig(StageConfig):
+    """Parameters of notebooks/03_self_training.ipynb (stage-2 rollouts, filter, merge, retraining)."""
+
+    stage: ClassVar[str] = "03_self_training"
+
+    n_prompts: int = 400
+    samples_per_prompt: int = 4
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 1024
+    max_thread_tokens: int = 512
+    max_threads: int = 8
+    max_blocks: int = 8
+    chunk_size: int = 64
+    merge_synthetic: int = 2000
+    merge_rewritten: bool = True
+    retrain_from: str = "sft"
+    max_steps: int = 300
+    batch_rows: int = 4
+    row_tokens: int = 1024
+    learning_rate: float = 2e-4
+    warmup_steps: int = 10
+    logging_steps: int = 25
+    save_steps: int = 100
+    n_eval: int = 100
+
+    def validate(self) -> None:
+        for name in ("n_prompts", "samples_per_prompt", "max_new_tokens", "max_thread_tokens", "max_threads",
+                     "chunk_size", "max_steps", "batch_rows", "row_tokens", "logging_steps", "save_steps"):
+            self._check(getattr(self, name) >= 1, name, "must be >= 1")
+        self._check(self.temperature > 0, "temperature", "must be > 0 (samples of one prompt must differ)")
+        self._check(0 < self.top_p <= 1, "top_p", "must be in (0, 1]")
+        self._check(self.max_blocks >= 0, "max_blocks", "must be >= 0")
+        self._check(self.merge_synthetic >= 0, "merge_synthetic", "must be >= 0 (0: merge none)")
+        self._check(self.retrain_from in ("sft", "scratch"), "retrain_from",
+                    "must be 'sft' (continue from the parallel SFT model) or 'scratch' (a fresh model)")
+        self._check(self.learning_rate > 0, "learning_rate", "must be > 0")
+        self._check(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
+        self._check(self.n_eval >= 0, "n_eval", "must be >= 0 (0: no before/after check)")
+
+    def orchestrator_config(self, max_context: int, greedy: bool = False):
+        """Rollouts sample (no per-request seed, so the samples of one prompt differ); checks are greedy."""
+        from .engines import GREEDY, Sampling
+        from .orchestrator import OrchestratorConfig
+
+        sampling = GREEDY if greedy else Sampling(temperature=self.temperature, top_p=self.top_p)
+        return OrchestratorConfig(max_new_tokens=self.max_new_tokens, max_thread_tokens=self.max_thread_tokens,
+                                  max_context=max_context, max_threads=self.max_threads, max_blocks=self.max_blocks,
+                                  sampling=sampling)
+
+    def train_settings(self):
+        from .sft import TrainSettings
+
+        return TrainSettings(max_steps=self.max_steps, per_device_train_batch_size=self.batch_rows,
+                             learning_rate=self.learning_rate, warmup_steps=self.warmup_steps,
+                             logging_steps=self.logging_steps, save_steps=self.save_steps, seed=self.seed)

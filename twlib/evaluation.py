@@ -42,12 +42,26 @@ def evaluate(orchestrator, problems: Sequence[dict], tokenizer, batch_size: int 
                 "total_tokens": r.metrics["total_tokens"], "critical_path_tokens": r.metrics["critical_path_tokens"],
                 "num_blocks": r.metrics["num_blocks"], "threads_per_block": r.metrics["threads_per_block"],
                 "engine_calls": r.metrics["engine_calls"], "flags": dict(r.flags),
+                "format_correct": format_correct(r, tokenizer),
                 # With batch_size > 1 both times are the problem's share of its batch.
                 "wall_seconds": wall, "engine_seconds": r.engine_seconds / len(chunk),
                 "response": r.text})
         if progress:
             progress(len(chunk))
     return records
+
+
+def format_correct(result, tokenizer) -> bool:
+    """No orchestrator guard fired and the response passes the strict format check (paper's data filter)."""
+    from . import format as fmt
+
+    if any(result.flags.values()):
+        return False
+    try:
+        fmt.parse_ids(result.response_ids, tokenizer, strict=True)
+    except fmt.FormatError:
+        return False
+    return True
 
 
 def summarize(sequential: Sequence[dict], parallel: Sequence[dict]) -> dict:
@@ -145,4 +159,6 @@ def model_table(records: dict, baseline: str = "sequential"):
                       "critical_path_tokens": sum(r["critical_path_tokens"] for r in recs) / n,
                       "mean_speedup": sum(b["total_tokens"] / r["critical_path_tokens"] for r, b in zip(recs, base)) / n,
                       "activation": sum(r["num_blocks"] > 0 for r in recs) / n}
+        if all("format_correct" in r for r in recs):
+            rows[name]["format_correct_rate"] = sum(r["format_correct"] for r in recs) / n
     return pd.DataFrame(rows).T

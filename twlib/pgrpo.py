@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Sequence
 
 from .orchestrator import Orchestrator, OrchestratorConfig, Result
@@ -268,23 +269,24 @@ RUNS = {  # name → (SFT model it starts from, branching, std-normalised advant
 }
 
 
-def prompt_dataset(train_ds, n: int, seed: int):
-    """``n`` training prompts of the target distribution (no ``short-`` problems), shuffled: ``prompt``,
-    ``answer``, ``question`` columns for TRL."""
+def prompt_dataset(train_ds, n: int, seed: int, columns: Sequence[str] = ("prompt", "answer", "question")):
+    """``n`` training prompts of the target distribution (no ``short-`` problems), shuffled, with ``columns``
+    (by default the ``prompt``, ``answer``, ``question`` columns TRL needs)."""
     keep = [i for i, shape in enumerate(train_ds["shape"]) if not shape.startswith("short-")]
     ds = train_ds.select(keep).shuffle(seed=seed)
-    return ds.select(range(min(n, len(ds)))).select_columns(["prompt", "answer", "question"])
+    return ds.select(range(min(n, len(ds)))).select_columns(list(columns))
 
 
-def train_policy(name: str, cfg, tokenizer, prompts, sft_dir, run) -> dict:
-    """One RL run of notebook 04 (`RUNS`): from ``<sft_dir>/<kind>_model``, checkpoints in
-    ``<run>/<name>_checkpoints`` (an interrupted run resumes from the newest), the final model in
-    ``<run>/<name>_model``. Returns ``{"log", "model_path", "guard_counts"}``."""
+def train_policy(name: str, cfg, tokenizer, prompts, init_models: dict, run) -> dict:
+    """One RL run of notebook 04 (`RUNS`): from ``init_models[kind]`` (the saved SFT model of the run's
+    kind, ``"parallel"`` or ``"sequential"``), checkpoints in ``<run>/<name>_checkpoints`` (an interrupted
+    run resumes from the newest), the final model in ``<run>/<name>_model``.
+    Returns ``{"log", "model_path", "guard_counts"}``."""
     from .models import context_length, load_model, save_model
     from .sft import last_checkpoint
 
     kind, branching, std = RUNS[name]
-    init = sft_dir / f"{kind}_model"
+    init = Path(init_models[kind])
     model = load_model(init)
     Trainer = make_trainer_class()
     trainer = Trainer(model, tokenizer, prompts, cfg.grpo_args(run.path(f"{name}_checkpoints"), std),

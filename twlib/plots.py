@@ -173,3 +173,22 @@ def model_comparison(table):
            title="SFT and RL models: accuracy and token-latency speedup")
     fig.tight_layout()
     return fig
+
+
+def rollout_fates(records):
+    """Stage-2 rollouts per problem shape, stacked by fate (kept, guard, format, drift, incorrect, duplicate)."""
+    import pandas as pd
+
+    from .self_training import REASONS
+
+    plt, sns = _setup()
+    df = pd.DataFrame(records)
+    counts = df.groupby(["shape", "reason"]).size().unstack(fill_value=0)
+    counts = counts[[r for r in REASONS if r in counts.columns]]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    counts.plot.bar(stacked=True, ax=ax, color=sns.color_palette("Set2", len(counts.columns)), width=0.75)
+    ax.set(xlabel="problem shape", ylabel="rollouts", title="Self-training rollouts and what the filter did")
+    ax.tick_params(axis="x", rotation=30)
+    ax.legend(title="fate", fontsize=8)
+    fig.tight_layout()
+    return fig

@@ -260,6 +260,13 @@ class RunFolder:
                 f"(or: python -m twlib.pipeline params/{self.cfg.profile}.yaml)")
         return self.stage_path(stage)
 
+    def stage_config(self, stage: str) -> StageConfig:
+        """The typed parameters a complete earlier stage of this profile ran with (its metrics.json)."""
+        from twlib.config import STAGE_CONFIGS
+
+        record = json.loads((self.require_complete(stage) / "metrics.json").read_text(encoding="utf-8"))
+        return STAGE_CONFIGS[stage].from_dict(record["params"])
+
     @contextlib.contextmanager
     def timer(self, name: str) -> Iterator[None]:
         """Add the block's wall-clock seconds to ``timings[name]``."""

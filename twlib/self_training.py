@@ -1,0 +1,221 @@
+"""Stage 2 of the data pipeline: self-training on the parallel SFT model's own rollouts (paper §3.2).
+
+The first parallel SFT model writes trajectories with the fork-join orchestrator on training prompts
+(several samples each). A rollout is kept only if the orchestrator never had to step in (no guard
+flag), it passes the strict format check (the same check stage 1 ends with), the ids it generated are
+exactly the ids its canonical text trains on (so the retrained model sees what it wrote), and its
+answer is correct. Kept rollouts are deduplicated, merged with the stage-1 data, and trie SFT runs
+again. The paper grows ~1k rewritten trajectories to ~17k this way.
+
+Worked example of the yield: 3 prompts × 2 samples = 6 rollouts; one hits a guard, one is wrong,
+two are the same text → ``{"kept": 3, "guard": 1, "incorrect": 1, "duplicate": 1}``, yield 3/6 = 0.5.
+"""
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+from typing import Callable, Sequence
+
+from . import format as fmt
+from .grading import grade
+
+REASONS = ("kept", "guard", "format", "drift", "incorrect", "duplicate")
+
+
+def verdict(result, gold: str, tokenizer) -> tuple[str, str | None]:
+    """``(reason, training_text)`` of one orchestrator `Result`: ``reason`` is one of `REASONS`
+    (``"duplicate"`` is decided later, across rollouts); ``training_text`` is the canonical text of
+    a kept rollout, else None.
+
+    Checks run from cheapest to dearest and the first failure names the rollout's fate.
+    """
+    from .tokenizer import segment_ids
+
+    if any(result.flags.values()):
+        return "guard", None
+    try:
+        traj = fmt.parse_ids(result.response_ids, tokenizer, strict=True)
+    except fmt.FormatError:
+        return "format", None
+    if not traj.eos or segment_ids(traj, tokenizer).ids != list(result.response_ids):
+        return "drift", None
+    text = traj.render()
+    if not grade(text, gold).correct:
+        return "incorrect", None
+    return "kept", text
+
+
+def rollout_record(problem: dict, sample: int, result, tokenizer) -> dict:
+    """One JSON-able line of ``rollouts.jsonl``: the problem, the sample number, the fate, the metrics."""
+    reason, text = verdict(result, str(problem["answer"]), tokenizer)
+    m = result.metrics
+    return {"id": problem.get("id"), "question": problem["question"], "answer": str(problem["answer"]),
+            "shape": problem.get("shape"), "sample": sample, "reason": reason, "text": text,
+            "correct": grade(result.text, str(problem["answer"])).correct, "flags": dict(result.flags),
+            "total_tokens": m["total_tokens"], "critical_path_tokens": m["critical_path_tokens"],
+            "num_blocks": m["num_blocks"], "threads_per_block": m["threads_per_block"], "response": result.text}
+
+
+def roll_out(orchestrator, problems: Sequence[dict], tokenizer, samples: int, folder: str | Path,
+             chunk_size: int = 32, seed: int = 0, progress: Callable[[int], None] | None = None) -> list[dict]:
+    """``samples`` rollouts of every problem, ``rollout_record`` each, in problem order.
+
+    Work is done in chunks of ``chunk_size`` rollouts; each finished chunk is written atomically to
+    ``<folder>/chunk-NNNNN.jsonl`` and skipped when the call is repeated, so an interrupted run resumes
+    where it stopped. Chunk ``k`` seeds torch with ``seed + k``, so a resumed run samples what an
+    uninterrupted one would. The orchestrator's sampling must be stochastic with no per-request seed
+    (a fixed seed would make the samples of one prompt identical).
+    """
+    import torch
+
+    from .runs import atomic_write_text
+    from .tokenizer import prompt_ids
+
+    sampling = orchestrator.config.sampling
+    if sampling.greedy or sampling.seed is not None:
+        raise ValueError("self-training rollouts need temperature > 0 and no per-request seed; "
+                         f"got {sampling}")
+    if samples < 1 or chunk_size < 1:
+        raise ValueError(f"samples and chunk_size must be >= 1, got {samples} and {chunk_size}")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    jobs = [(p, s) for p in problems for s in range(samples)]
+    records: list[dict] = []
+    for k, start in enumerate(range(0, len(jobs), chunk_size)):
+        chunk = jobs[start:start + chunk_size]
+        path = folder / f"chunk-{k:05d}.jsonl"
+        if path.exists():
+            done = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+            if [(r["question"], r["sample"]) for r in done] != [(p["question"], s) for p, s in chunk]:
+                raise ValueError(f"{path} holds other rollouts than this run would make (different problems, "
+                                 "samples or chunk_size); remove the folder or restore the old parameters")
+            records += done
+        else:
+            torch.manual_seed(seed + k)
+            results = orchestrator.run([prompt_ids(tokenizer, p["question"]) for p, _ in chunk])
+            done = [rollout_record(p, s, r, tokenizer) for (p, s), r in zip(chunk, results)]
+            atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in done))
+            records += done
+        if progress:
+            progress(len(chunk))
+    return records
+
+
+def mark_duplicates(records: list[dict]) -> list[dict]:
+    """Re-label a kept rollout whose (question, text) was kept before as ``"duplicate"`` (in place)."""
+    seen: set[tuple[str, str]] = set()
+    for r in records:
+        if r["reason"] != "kept":
+            continue
+        key = (r["question"], r["text"])
+        if key in seen:
+            r["reason"] = "duplicate"
+        else:
+            seen.add(key)
+    return records
+
+
+def yield_report(records: Sequence[dict]) -> dict:
+    """Counts by fate and the rates a reader wants, over all rollouts.
+
+    ``format_correct_rate`` counts rollouts that passed the guards and the strict format check;
+    ``accuracy`` is the share of rollouts with a correct answer (whatever their format).
+
+    >>> yield_report([{"reason": "kept", "correct": True, "num_blocks": 1, "question": "q"},
+    ...               {"reason": "incorrect", "correct": False, "num_blocks": 0, "question": "q"}])["yield"]
+    0.5
+    """
+    n = len(records)
+    if not n:
+        raise ValueError("no rollouts to report on")
+    counts = Counter(r["reason"] for r in records)
+    kept = [r for r in records if r["reason"] == "kept"]
+    format_ok = sum(counts[k] for k in ("kept", "drift", "incorrect", "duplicate"))
+    return {"rollouts": n, "problems": len({r["question"] for r in records}),
+            "counts": {k: counts.get(k, 0) for k in REASONS},
+            "yield": len(kept) / n, "format_correct_rate": format_ok / n,
+            "accuracy": sum(bool(r["correct"]) for r in records) / n,
+            "kept_activation": sum(r["num_blocks"] > 0 for r in kept) / len(kept) if kept else 0.0,
+            "problems_with_kept": len({r["question"] for r in kept})}
+
+
+def kept_examples(records: Sequence[dict]) -> list[dict]:
+    """Kept rollouts as trie-SFT examples ``{"question", "text"}``."""
+    return [{"question": r["question"], "text": r["text"]} for r in records if r["reason"] == "kept"]
+
+
+def merged_examples(kept: Sequence[dict], stage1: Sequence[dict], seed: int = 0) -> list[dict]:
+    """Self-generated and stage-1 examples in one shuffled list; a stage-1 example with the same
+    (question, text) as a kept rollout is dropped (it would be trained twice)."""
+    import random
+
+    have = {(e["question"], e["text"]) for e in kept}
+    out = list(kept) + [e for e in stage1 if (e["question"], e["text"]) not in have]
+    random.Random(seed).shuffle(out)
+    return out
+
+
+def retrain(examples: Sequence[dict], tokenizer, init_model, settings, row_tokens: int, run, name: str = "parallel",
+            spec=None, seed: int = 0) -> dict:
+    """Trie SFT on ``examples`` (``{"question", "text"}``), from the saved model ``init_model`` or, when
+    it is None, from a fresh tiny model of ``spec`` (the paper retrains from the base model).
+
+    Checkpoints go to ``<run>/<name>_checkpoints`` (an interrupted run resumes from the newest), the
+    model to ``<run>/<name>_model``. Returns ``{"log", "model_path", "rows", "trajectories"}``.
+    """
+    from .models import build_tiny_model, load_model, save_model
+    from .sft import make_trainer, rows_dataset, train, trajectory_tries
+
+    if not examples:
+        raise ValueError("no examples to retrain on: no rollout was kept and no stage-1 data was merged")
+    rows = rows_dataset(trajectory_tries(examples, tokenizer), row_tokens)
+    model = build_tiny_model(tokenizer, spec, seed=seed) if init_model is None else load_model(init_model)
+    trainer = make_trainer(model, tokenizer, rows, run.path(f"{name}_checkpoints"), settings)
+    with run.timer(f"train_{name}"):
+        log = train(trainer)
+    path = save_model(model, tokenizer, run.path(f"{name}_model"), overwrite=True)
+    return {"log": log, "model_path": str(path), "rows": len(rows), "trajectories": len(examples)}
+
+
+REWRITING_STAGE = "01b_rewriting"
+
+
+def stage1_examples(run, train_ds, n_synthetic: int, use_rewritten: bool, seed: int = 0) -> dict[str, list[dict]]:
+    """The stage-1 data the kept rollouts are merged with, by origin: ``n_synthetic`` parallel
+    trajectories of the 01 training split (shuffled with ``seed``) and, with ``use_rewritten`` and a
+    complete `REWRITING_STAGE` in this profile, every trajectory the LLM rewriting accepted."""
+    from .data import load_parquet
+    from .runs import is_complete
+    from .sft import dataset_examples
+
+    shuffled = train_ds.shuffle(seed=seed)
+    out = {"synthetic": dataset_examples(shuffled.select(range(min(n_synthetic, len(shuffled)))), parallel=True)}
+    if use_rewritten and is_complete(run.profile_root, REWRITING_STAGE):
+        accepted = load_parquet(run.stage_path(REWRITING_STAGE, "data"), splits=("train",))["train"]
+        out["rewritten"] = dataset_examples(accepted, parallel=True)
+    return out
+
+
+def before_after(checks: dict[str, Sequence[dict]], problems: Sequence[dict]):
+    """One row per model of `twlib.evaluation.evaluate` records on the same ``problems``: accuracy,
+    format-correct rate, mean total and critical-path tokens, and the mean per-problem speedup over the
+    problem's sequential CoT length (``seq_tokens`` of the 01 data) (pandas).
+
+    >>> rec = {"gold": "1", "correct": True, "format_correct": True, "total_tokens": 60, "critical_path_tokens": 40}
+    >>> float(before_after({"m": [rec]}, [{"seq_tokens": 80}]).loc["m", "mean_speedup"])
+    2.0
+    """
+    import pandas as pd
+
+    rows = {}
+    for name, recs in checks.items():
+        if len(recs) != len(problems):
+            raise ValueError(f"{name}: {len(recs)} records for {len(problems)} problems")
+        n = len(recs)
+        rows[name] = {"accuracy": sum(r["correct"] for r in recs) / n,
+                      "format_correct_rate": sum(r["format_correct"] for r in recs) / n,
+                      "total_tokens": sum(r["total_tokens"] for r in recs) / n,
+                      "critical_path_tokens": sum(r["critical_path_tokens"] for r in recs) / n,
+                      "mean_speedup": sum(p["seq_tokens"] / r["critical_path_tokens"] for r, p in zip(recs, problems)) / n}
+    return pd.DataFrame(rows).T
