@@ -301,7 +301,11 @@ def load_profile(path: str | Path) -> Profile:
 @register_stage
 @dataclass(frozen=True, kw_only=True)
 class TrajectoriesConfig(StageConfig):
-    """Parameters of notebooks/01_trajectories.ipynb (task mix, difficulty, split sizes)."""
+    """Parameters of notebooks/01_trajectories.ipynb (task mix, difficulty, split sizes).
+
+    ``source="math"`` builds real-math prompts instead (Polaris-53K train/validation, six benchmarks
+    as test); then ``n_train`` caps the training prompts and ``n_test`` each benchmark (0: all).
+    """
 
     stage: ClassVar[str] = "01_trajectories"
 
@@ -326,12 +330,25 @@ class TrajectoriesConfig(StageConfig):
     prod_factor_min: int = 2
     prod_factor_max: int = 20
     examples_per_shape: int = 1
+    source: str = "synthetic"
+    math_train: str = "polaris"
+    math_benchmarks: list[str] = dataclasses.field(
+        default_factory=lambda: ["aime24", "aime25", "amc23", "math500", "minerva", "olympiadbench"])
+    math_data_dir: str = ""
+    math_validation: int = 200
+    math_drop_empty: bool = False
 
     def validate(self) -> None:
         from .tasks import FAMILIES
 
-        for name in ("n_train", "n_validation", "n_test"):
-            self._check(getattr(self, name) >= 1, name, "must be >= 1")
+        self._check(self.source in ("synthetic", "math"), "source", "must be 'synthetic' or 'math'")
+        self._validate_math()
+        if self.source == "synthetic":
+            for name in ("n_train", "n_validation", "n_test"):
+                self._check(getattr(self, name) >= 1, name, "must be >= 1")
+        else:  # real math: n_train caps the training prompts and n_test each benchmark, 0 meaning all
+            for name in ("n_train", "n_test"):
+                self._check(getattr(self, name) >= 0, name, "must be >= 0 (0: all) when source is 'math'")
         self._check(bool(self.families), "families", "must name at least one family")
         for f in self.families:
             self._check(f in FAMILIES, "families", f"has unknown family {f!r} (known: {sorted(FAMILIES)})")
@@ -365,8 +382,40 @@ class TrajectoriesConfig(StageConfig):
                     "must satisfy 0 <= prod_factor_min <= prod_factor_max")
         self._check(self.examples_per_shape >= 0, "examples_per_shape", "must be >= 0")
 
+    def _validate_math(self) -> None:
+        """The real-math fields (checked whatever ``source`` is): dataset names read loosely by
+        `twlib.tasks.math_data.resolve_name`, e.g. ``"MATH-500"`` is ``math500``."""
+        from .tasks.math_data import MathDataError, resolve_name
+
+        def resolve(field: str, name: str) -> str:
+            try:
+                return resolve_name(name)
+            except MathDataError as err:
+                raise ConfigError(f"{self.stage}: parameter '{field}' names an {err}; "
+                                  f"got {getattr(self, field)!r}") from None
+
+        train = resolve("math_train", self.math_train)
+        self._check(bool(self.math_benchmarks), "math_benchmarks", "must name at least one benchmark")
+        benchmarks = [resolve("math_benchmarks", b) for b in self.math_benchmarks]
+        self._check(len(set(benchmarks)) == len(benchmarks), "math_benchmarks", "repeats a benchmark")
+        self._check(train not in benchmarks, "math_train",
+                    f"is also in math_benchmarks ({train!r}); training and test prompts would overlap")
+        self._check(self.math_data_dir == self.math_data_dir.strip(), "math_data_dir",
+                    "must not start or end with spaces (empty: download from the hub)")
+        self._check(self.math_validation >= 1, "math_validation", "must be >= 1")
+
     def sizes(self) -> dict[str, int]:
         return {"train": self.n_train, "validation": self.n_validation, "test": self.n_test}
+
+    def math_dataset(self, root: str | Path = ".", cache_dir: str | None = None):
+        """The real-math splits of this config (`twlib.tasks.math_data.build_math_dataset`); a relative
+        ``math_data_dir`` is read from ``root``, e.g. ``tests/fixtures/math`` under the project root."""
+        from .tasks.math_data import build_math_dataset
+
+        data_dir = Path(root) / self.math_data_dir if self.math_data_dir else None
+        return build_math_dataset(self.math_train, self.math_benchmarks, data_dir=data_dir, n_train=self.n_train,
+                                  n_validation=self.math_validation, n_test=self.n_test, seed=self.seed,
+                                  drop_empty=self.math_drop_empty, cache_dir=cache_dir)
 
     def task_mix(self):
         from .tasks import ExpressionParams, ProductParams, TaskMix

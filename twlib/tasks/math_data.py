@@ -292,5 +292,126 @@ def prompt_rows(ds, suffix: str = INSTRUCTION_SUFFIX):
     return out.select_columns(["prompt", "answer", "id", "source"])
 
 
-__all__ = ["INSTRUCTION_SUFFIX", "SCHEMA", "REGISTRY", "TRAINING", "BENCHMARKS", "MathSource", "MathDataError",
-           "HubLoadError", "resolve_name", "normalize_answer", "load_math", "load_benchmarks", "prompt_rows"]
+#: Columns of the splits `build_math_dataset` makes (``prompt`` as `prompt_rows` writes it).
+SPLIT_COLUMNS = ("id", "split", "source", "question", "answer", "prompt")
+
+
+def local_path(data_dir: str | Path, name: str) -> Path:
+    """The local copy of dataset ``name`` in ``data_dir``: the folder ``<dir>/<name>`` or one file
+    ``<dir>/<name>.<ext>`` (jsonl, json, ndjson, csv or parquet); none or several raise `MathDataError`.
+
+    >>> import pathlib, tempfile
+    >>> d = pathlib.Path(tempfile.mkdtemp()); _ = (d / "aime25.jsonl").write_text("{}")
+    >>> local_path(d, "AIME25").name
+    'aime25.jsonl'
+    """
+    name = resolve_name(name)
+    folder = Path(data_dir)
+    if not folder.is_dir():
+        raise MathDataError(f"math data folder {folder} does not exist or is not a folder")
+    candidates = [folder / name, *(folder / f"{name}{suffix}" for suffix in _FILE_SUFFIXES)]
+    found = [p for p in candidates if p.exists()]
+    if not found:
+        raise MathDataError(f"{name}: no local copy in {folder}; expected the folder {name}/ or one file "
+                            + " / ".join(f"{name}{s}" for s in _FILE_SUFFIXES))
+    if len(found) > 1:
+        raise MathDataError(f"{name}: several local copies in {folder} ({', '.join(p.name for p in found)}); "
+                            "keep one")
+    return found[0]
+
+
+def _split_rows(ds, split: str, suffix: str):
+    """``ds`` (the `SCHEMA` columns) as rows of ``split`` with the `SPLIT_COLUMNS`."""
+    import datasets
+
+    string = datasets.Value("string")
+    features = datasets.Features({c: string for c in SPLIT_COLUMNS if c != "prompt"}
+                                 | {"prompt": [{"role": string, "content": string}]})
+    columns = {c: list(ds[c]) for c in SCHEMA}
+    columns["split"] = [split] * len(ds)
+    columns["prompt"] = [[{"role": "user", "content": q + suffix}] for q in columns["question"]]
+    return datasets.Dataset.from_dict({c: columns[c] for c in SPLIT_COLUMNS}, features=features)
+
+
+def build_math_dataset(train: str = TRAINING, benchmarks: Iterable[str] = BENCHMARKS, *,
+                       data_dir: str | Path | None = None, n_train: int = 0, n_validation: int = 200,
+                       n_test: int = 0, seed: int = 0, drop_empty: bool = False, cache_dir: str | None = None,
+                       suffix: str = INSTRUCTION_SUFFIX):
+    """The real-math ``DatasetDict`` of the paper's setup: train / validation prompts from ``train``
+    (Polaris-53K, whose prompts the paper's trajectories and RL use) and a test split that concatenates
+    the ``benchmarks`` (AIME24, AIME25, AMC23, MATH500, Minerva, OlympiadBench) told apart by ``source``.
+
+    The training set is permuted with ``seed``; its first ``n_validation`` prompts are the validation
+    split and the rest, less any question that is also a validation question, are the train split,
+    capped at ``n_train`` (0: all). The validation split depends on the seed only, not on ``n_train``.
+    ``n_test`` caps each benchmark (0: all; its first rows). With ``data_dir`` every dataset is read from
+    its `local_path` there, otherwise from the hub. Columns: `SPLIT_COLUMNS`, all strings but ``prompt``
+    (``[{"role": "user", "content": question + suffix}]``).
+
+    >>> import json, pathlib, tempfile
+    >>> d = pathlib.Path(tempfile.mkdtemp())
+    >>> _ = (d / "polaris.jsonl").write_text("".join(
+    ...     json.dumps({"problem": f"{i}+1?", "answer": str(i + 1)}) + "\\n" for i in range(5)))
+    >>> _ = (d / "aime25.jsonl").write_text(json.dumps({"problem": "2+3?", "answer": 5}) + "\\n")
+    >>> dsd = build_math_dataset(benchmarks=["aime25"], data_dir=d, n_validation=2)
+    >>> math_statistics(dsd)["rows"], dsd["test"][0]["prompt"][0]["content"][:5]
+    ({'train': 3, 'validation': 2, 'test': 1}, '2+3? ')
+    """
+    import datasets
+    import numpy as np
+
+    train_name = resolve_name(train)
+    names = [resolve_name(n) for n in benchmarks]
+    if not names:
+        raise MathDataError("build_math_dataset needs at least one benchmark")
+    if len(set(names)) != len(names):
+        raise MathDataError(f"a benchmark is listed twice: {names}")
+    if train_name in names:
+        raise MathDataError(f"{train_name!r} is both the training set and a benchmark; train and test would overlap")
+    for arg, value, low in (("n_train", n_train, 0), ("n_validation", n_validation, 1), ("n_test", n_test, 0)):
+        if value < low:
+            raise MathDataError(f"{arg} must be >= {low}, got {value}")
+
+    def where(name: str) -> Path | None:
+        return local_path(data_dir, name) if data_dir else None
+
+    pool = load_math(train_name, where(train_name), drop_empty=drop_empty, cache_dir=cache_dir)
+    if n_validation >= len(pool):
+        raise MathDataError(f"{train_name} has {len(pool)} prompts; holding out n_validation={n_validation} "
+                            "of them leaves none for training")
+    order = [int(i) for i in np.random.default_rng(seed).permutation(len(pool))]
+    questions = list(pool["question"])
+    held = {questions[i] for i in order[:n_validation]}
+    rest = [i for i in order[n_validation:] if questions[i] not in held]
+    if not rest:
+        raise MathDataError(f"every {train_name} prompt outside the validation split repeats a validation question")
+    if n_train:
+        rest = rest[:n_train]
+    test = load_benchmarks({n: where(n) for n in names} if data_dir else None, n_test or None, names,
+                           drop_empty=drop_empty, cache_dir=cache_dir)
+    return datasets.DatasetDict({
+        "train": _split_rows(pool.select(rest), "train", suffix),
+        "validation": _split_rows(pool.select(order[:n_validation]), "validation", suffix),
+        "test": _split_rows(test, "test", suffix),
+    })
+
+
+def math_statistics(dsd) -> dict:
+    """Rows per split and, per split, rows per ``source`` (sources in order of first appearance).
+
+    >>> import datasets
+    >>> math_statistics({"test": datasets.Dataset.from_dict({"source": ["aime24", "amc23", "aime24"]})})
+    {'rows': {'test': 3}, 'by_source': {'test': {'aime24': 2, 'amc23': 1}}}
+    """
+    by_source: dict[str, dict[str, int]] = {}
+    for split, ds in dsd.items():
+        counts: dict[str, int] = {}
+        for source in ds["source"]:
+            counts[source] = counts.get(source, 0) + 1
+        by_source[split] = counts
+    return {"rows": {split: len(ds) for split, ds in dsd.items()}, "by_source": by_source}
+
+
+__all__ = ["INSTRUCTION_SUFFIX", "SCHEMA", "SPLIT_COLUMNS", "REGISTRY", "TRAINING", "BENCHMARKS", "MathSource",
+           "MathDataError", "HubLoadError", "resolve_name", "normalize_answer", "load_math", "load_benchmarks",
+           "prompt_rows", "local_path", "build_math_dataset", "math_statistics"]
