@@ -187,6 +187,27 @@ def test_notebook_02_smoke(smoke_outputs):
 
 
 @pytest.mark.notebooks
+def test_notebook_01b_smoke(smoke_outputs):
+    """The tiny model cannot follow the rewriting prompts: every trace is rejected, and the books balance."""
+    folder, spec = smoke_outputs
+    stage = folder / "01b_rewriting"
+    params = spec["01b_rewriting"]
+    report = json.loads((stage / "metrics.json").read_text())["metrics"]["report"]
+    assert report["traces"] == params["n_traces"] == report["accepted"] + report["rejected"]
+    assert sum(report["rejected_by_reason"].values()) == report["rejected"]
+    # each rejected trace was asked once and sent back at most max_retries times, all in this run
+    assert report["cache_hits"] == 0
+    assert report["rejected"] <= report["llm_calls"] <= report["traces"] * 4 * (params["max_retries"] + 1)
+    accepted = (stage / "accepted.jsonl").read_text().splitlines()
+    rejected = (stage / "rejected.jsonl").read_text().splitlines()
+    assert (len(accepted), len(rejected)) == (report["accepted"], report["rejected"])
+    for line in rejected:
+        r = json.loads(line)
+        assert (stage / "stage1" / "traces" / r["id"] / "0_input.json").exists() and r["reason"]
+    assert len(list((stage / "stage1" / "llm_cache").rglob("*.json"))) == report["llm_calls"]
+
+
+@pytest.mark.notebooks
 def test_notebook_03_smoke(smoke_outputs):
     from twlib import format as fmt
     from twlib.grading import grade
@@ -208,7 +229,8 @@ def test_notebook_03_smoke(smoke_outputs):
             fmt.parse(r["text"], strict=True)
             assert grade(r["text"], r["answer"]).correct
     merged = [json.loads(line) for line in (stage / "data" / "train.jsonl").read_text().splitlines()]
-    assert len(merged) == metrics["merged"] == metrics["kept_rollouts"] + metrics["stage1"]["synthetic"]
+    assert len(merged) == metrics["merged"] == metrics["kept_rollouts"] + sum(metrics["stage1"].values())
+    assert metrics["stage1"]["rewritten"] == 0  # the smoke 01b run accepts nothing
     assert metrics["stage1"]["synthetic"] == params["merge_synthetic"]
     assert all(fmt.parse(e["text"], strict=True).answer for e in merged)
     assert (stage / "parallel_checkpoints" / f"checkpoint-{params['max_steps']}").is_dir()

@@ -672,3 +672,50 @@ class SelfTrainingConfig(StageConfig):
         return TrainSettings(max_steps=self.max_steps, per_device_train_batch_size=self.batch_rows,
                              learning_rate=self.learning_rate, warmup_steps=self.warmup_steps,
                              logging_steps=self.logging_steps, save_steps=self.save_steps, seed=self.seed)
+
+
+@register_stage
+@dataclass(frozen=True, kw_only=True)
+class RewritingConfig(StageConfig):
+    """Parameters of notebooks/01b_rewriting.ipynb (stage-1 LLM rewriting of sequential traces)."""
+
+    stage: ClassVar[str] = "01b_rewriting"
+
+    llm_engine: str = "hf"
+    llm_model: str = "02_trie_sft/sequential_model"
+    llm_base_url: str = ""
+    llm_api_key: str = ""
+    n_traces: int = 50
+    traces_from: str = "dataset"
+    trace_model: str = ""
+    trace_max_new_tokens: int = 4096
+    max_retries: int = 2
+    min_diversity: int = 200
+    max_tokens: int = 4096
+    temperature: float = 0.0
+
+    def validate(self) -> None:
+        self._check(self.llm_engine in ("hf", "vllm", "endpoint"), "llm_engine",
+                    "must be 'hf' or 'vllm' (a local model) or 'endpoint' (an OpenAI-compatible chat endpoint)")
+        self._check(bool(self.llm_model.strip()), "llm_model", "must name a model (a folder, a hub id, or the "
+                    "model an endpoint serves)")
+        if self.llm_engine == "endpoint":
+            self._check(self.llm_base_url.startswith(("http://", "https://")), "llm_base_url",
+                        "must be the endpoint's http(s) URL when llm_engine is 'endpoint'")
+        self._check(self.n_traces >= 1, "n_traces", "must be >= 1")
+        self._check(self.traces_from in ("dataset", "model"), "traces_from",
+                    "must be 'dataset' (the sequential CoTs of the 01 training split) or 'model' (generated)")
+        if self.traces_from == "model":
+            self._check(bool(self.trace_model.strip()), "trace_model", "must name the model that writes the "
+                        "sequential traces when traces_from is 'model'")
+        for name in ("trace_max_new_tokens", "max_tokens"):
+            self._check(getattr(self, name) >= 1, name, "must be >= 1")
+        self._check(self.max_retries >= 0, "max_retries", "must be >= 0")
+        self._check(self.min_diversity >= 0, "min_diversity", "must be >= 0")
+        self._check(self.temperature >= 0, "temperature", "must be >= 0 (0: greedy)")
+
+    def settings(self):
+        from .datagen import Stage1Settings
+
+        return Stage1Settings(max_retries=self.max_retries, min_diversity=self.min_diversity,
+                              max_tokens=self.max_tokens, temperature=self.temperature)

@@ -185,15 +185,14 @@ def stage1_examples(run, train_ds, n_synthetic: int, use_rewritten: bool, seed: 
     """The stage-1 data the kept rollouts are merged with, by origin: ``n_synthetic`` parallel
     trajectories of the 01 training split (shuffled with ``seed``) and, with ``use_rewritten`` and a
     complete `REWRITING_STAGE` in this profile, every trajectory the LLM rewriting accepted."""
-    from .data import load_parquet
+    from .rewriting import accepted_examples
     from .runs import is_complete
     from .sft import dataset_examples
 
     shuffled = train_ds.shuffle(seed=seed)
     out = {"synthetic": dataset_examples(shuffled.select(range(min(n_synthetic, len(shuffled)))), parallel=True)}
     if use_rewritten and is_complete(run.profile_root, REWRITING_STAGE):
-        accepted = load_parquet(run.stage_path(REWRITING_STAGE, "data"), splits=("train",))["train"]
-        out["rewritten"] = dataset_examples(accepted, parallel=True)
+        out["rewritten"] = accepted_examples(run.stage_path(REWRITING_STAGE, "accepted.jsonl"))
     return out
 
 

@@ -1,0 +1,111 @@
+"""Notebook 01b's edges: which LLM rewrites, and where the sequential traces come from (paper §3.2 stage 1).
+
+The rewriting itself is `twlib.datagen.run_stage1`; this module turns a `RewritingConfig` into its
+inputs. A model named by a relative path is looked up in the profile's output folder first (so
+``02_trie_sft/sequential_model`` means this profile's sequential SFT model), then under the project
+root; anything else is handed to ``from_pretrained`` as is (a hub id).
+
+>>> model_id("hf", "02_trie_sft/sequential_model")
+'hf:02_trie_sft/sequential_model'
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Sequence
+
+
+def model_id(engine: str, model: str) -> str:
+    """The name the answer cache keys on: engine kind plus the model as the params file names it."""
+    return f"{engine}:{model}"
+
+
+def resolve_model(run, model: str) -> str:
+    """A local folder for ``model`` if one exists (profile outputs first, then the project root), else ``model``."""
+    for base in (run.profile_root, run.project):
+        candidate = Path(base) / model
+        if candidate.is_dir():
+            return str(candidate)
+    if Path(model).is_absolute():
+        raise FileNotFoundError(f"model folder {model} does not exist")
+    if model.split("/")[0] in _stage_names():
+        raise FileNotFoundError(f"{model} names an earlier stage's model, but {Path(run.profile_root) / model} does "
+                                "not exist; run that stage first")
+    return model
+
+
+def _stage_names() -> set[str]:
+    from .config import STAGE_CONFIGS
+
+    return set(STAGE_CONFIGS)
+
+
+def _local_engine(kind: str, path: str):
+    """(engine, tokenizer) for a local model folder or hub id, on the HF or offline vLLM engine."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if kind == "vllm":
+        from .engines.vllm import VLLMEngine
+
+        return VLLMEngine.from_pretrained(path, tokenizer.eos_token_id), tokenizer
+    from .engines.hf import HFEngine
+    from .models import load_model
+
+    return HFEngine(load_model(path), tokenizer.eos_token_id), tokenizer
+
+
+def make_llm(cfg, run):
+    """The chat model of ``cfg`` (`twlib.llm.ChatLLM`): a local model through the HF or vLLM engine, or
+    an OpenAI-compatible ``/v1/chat/completions`` endpoint (URL and key from the params file)."""
+    from .llm import EngineChat, HTTPChat
+
+    if cfg.llm_engine == "endpoint":
+        return HTTPChat(cfg.llm_base_url, cfg.llm_model, api_key=cfg.llm_api_key or None)
+    engine, tokenizer = _local_engine(cfg.llm_engine, resolve_model(run, cfg.llm_model))
+    return EngineChat(engine, tokenizer, model_id(cfg.llm_engine, cfg.llm_model))
+
+
+def generate_traces(engine, tokenizer, problems: Sequence[dict], max_new_tokens: int,
+                    progress: Callable[[int], None] | None = None) -> list[dict]:
+    """Sequential traces written by a model (greedy, never forking), the correct ones only, as
+    ``{"id", "question", "answer", "response"}`` — the paper's step 0 keeps correct answers only."""
+    from .grading import grade
+    from .orchestrator import Orchestrator, OrchestratorConfig
+    from .tokenizer import prompt_ids
+
+    config = OrchestratorConfig(max_new_tokens=max_new_tokens, max_thread_tokens=max_new_tokens,
+                                max_context=1 << 30, max_blocks=0)
+    results = Orchestrator(engine, tokenizer, config).run([prompt_ids(tokenizer, p["question"]) for p in problems],
+                                                          progress)
+    out = []
+    for p, r in zip(problems, results):
+        ids = r.response_ids[:-1] if r.response_ids and r.response_ids[-1] == tokenizer.eos_token_id else r.response_ids
+        text = tokenizer.decode(ids, skip_special_tokens=False)
+        if grade(text, str(p["answer"])).correct:
+            out.append({"id": str(p["id"]), "question": p["question"], "answer": str(p["answer"]), "response": text})
+    return out
+
+
+def traces(cfg, run, train_ds, progress: Callable[[int], None] | None = None) -> list[dict]:
+    """The first ``n_traces`` training problems' sequential traces: the dataset's own sequential CoT
+    (``traces_from: dataset``) or ones ``trace_model`` writes (``traces_from: model``, correct ones kept)."""
+    ds = train_ds.select(range(min(cfg.n_traces, len(train_ds))))
+    rows = [dict(r) for r in ds]
+    if cfg.traces_from == "dataset":
+        if "sequential_completion" not in ds.column_names:
+            raise ValueError("the 01 training split has no sequential_completion column (real-math data has no "
+                             "traces): set traces_from to 'model' and name a trace_model")
+        return rows
+    engine, tokenizer = _local_engine("vllm" if cfg.llm_engine == "vllm" else "hf", resolve_model(run, cfg.trace_model))
+    return generate_traces(engine, tokenizer, rows, cfg.trace_max_new_tokens, progress)
+
+
+def accepted_examples(path: str | Path) -> list[dict]:
+    """``accepted.jsonl`` of a 01b run → trie-SFT examples ``{"question", "text"}``."""
+    import json
+
+    out = []
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        row = json.loads(line)
+        out.append({"question": row["question"], "text": row["completion"][0]["content"]})
+    return out
