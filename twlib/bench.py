@@ -19,6 +19,9 @@ prompts per step, rollouts per prompt, temperature and budgets): tokens scored a
 with the trie (one sample per rollout, ancestor mask) vs expanded units (each engine call its own
 causal sequence, as the official RL did). Needs notebooks 01 and 02's outputs.
 
+``gpu``: trie-SFT tokens/s and peak memory at 8k and 32k tokens, flex ``BlockMask`` vs dense mask,
+and HF-engine wall-clock speedup of parallel vs sequential decoding (`twlib.bench_gpu`).
+
 ``data``: per task family (and per shape): examples, mean sequential vs parallel tokens, mean
 critical path, mean ideal speedup (sequential total / parallel critical path), activation rate,
 and segment-wise tokenisation drift with the tiny tokenizer and with the Qwen vocabulary.
@@ -343,9 +346,16 @@ def config_root(profile: config.Profile):
     return (root if root.is_absolute() else project_root() / root) / profile.name
 
 
+def bench_gpu(profile: config.Profile) -> Iterator[dict]:
+    from .bench_gpu import bench_gpu as run
+
+    yield from run(profile)
+
+
 BENCHES: dict[str, Callable[[config.Profile], Iterator[dict]]] = {"data": bench_data, "trie": bench_trie,
                                                                     "induction": bench_induction,
-                                                                    "orchestrator": bench_orchestrator, "rl": bench_rl}
+                                                                    "orchestrator": bench_orchestrator, "rl": bench_rl,
+                                                                    "gpu": bench_gpu}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,8 +1,8 @@
 """Tiny Qwen3-architecture models built locally (no hub), and pretrained models with the tags added.
 
 The CPU profiles train a randomly initialised Qwen3 from scratch; the GPU profiles start from a hub
-Qwen3 checkpoint and add the tags (`add_tags_to_model`). Either way the folder written by
-`save_model` loads with ``AutoModelForCausalLM.from_pretrained`` and ``vllm.LLM``.
+Qwen3 checkpoint (`load_pretrained`: tags added, Qwen3 chat template, one EOS). Either way the folder
+written by `save_model` loads with ``AutoModelForCausalLM.from_pretrained`` and ``vllm.LLM``.
 
 >>> from twlib.tokenizer import build_char_tokenizer
 >>> m = build_tiny_model(build_char_tokenizer(), TinyModelSpec(hidden_size=64, num_layers=1,
@@ -132,3 +132,151 @@ def add_tags_to_model(model, tokenizer, tags: Sequence[str] | None = None) -> li
 
 def spec_dict(spec: TinyModelSpec) -> dict:
     return asdict(spec)
+
+
+# ------------------------------------------------------------------------ pretrained checkpoints
+# Qwen3's chat layout, in the form the kit trains and decodes: no system turn unless given; an
+# assistant turn with ``reasoning_content`` is written ``<think>\n…\n</think>\n\n`` + answer; the
+# generation prompt ends at "<|im_start|>assistant\n" so the model opens ``<think>`` itself (paper
+# §3.1 prompt format). ``enable_thinking=False`` pre-fills an empty think block, as Qwen3 does.
+QWEN3_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'assistant' and message.get('reasoning_content') %}"
+    "{{ '<|im_start|>assistant\\n<think>\\n' + message['reasoning_content'].strip('\\n') + '\\n</think>\\n\\n'"
+    " + message['content'].lstrip('\\n') + '<|im_end|>\\n' }}"
+    "{% else %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
+    "{% if enable_thinking is defined and enable_thinking is false %}{{ '<think>\\n\\n</think>\\n\\n' }}{% endif %}"
+    "{% endif %}"
+)
+
+# Shapes of the hub Qwen3 models the GPU profiles start from (their config.json values), for
+# random-init stand-ins of the same cost: benchmarks and memory checks need no download.
+QWEN3_SHAPES = {
+    "qwen3-0.6b": dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
+                       num_key_value_heads=8, head_dim=128, tie_word_embeddings=True),
+    "qwen3-1.7b": dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers=28, num_attention_heads=16,
+                       num_key_value_heads=8, head_dim=128, tie_word_embeddings=True),
+    "qwen3-8b": dict(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
+                     num_key_value_heads=8, head_dim=128, tie_word_embeddings=False),
+}
+QWEN3_VOCAB = 151936
+
+
+def qwen3_stand_in(shape: str, max_position_embeddings: int = 40960, seed: int = 0, dtype: str = "float32",
+                   device: str = "cpu"):
+    """A random-init ``Qwen3ForCausalLM`` with the size of a hub model (``QWEN3_SHAPES``), built on ``device``.
+
+    >>> qwen3_stand_in("qwen3-0.6b", device="meta").config.num_hidden_layers
+    28
+    """
+    import torch
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    if shape not in QWEN3_SHAPES:
+        raise ValueError(f"unknown shape {shape!r}; known: {', '.join(QWEN3_SHAPES)}")
+    torch.manual_seed(seed)
+    config = Qwen3Config(vocab_size=QWEN3_VOCAB, max_position_embeddings=max_position_embeddings,
+                         rope_theta=1e6, **QWEN3_SHAPES[shape])
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(getattr(torch, dtype))  # built in its final dtype: no fp32 copy of a large model
+    try:
+        with torch.device(device):
+            return Qwen3ForCausalLM(config)
+    finally:
+        torch.set_default_dtype(default)
+
+
+def prepare_tokenizer(tokenizer, tags: Sequence[str] | None = None,
+                      chat_template: str | None = QWEN3_CHAT_TEMPLATE) -> list[str]:
+    """The tokenizer half of `prepare_pretrained`: template, EOS/padding, atomic tags; returns the tags added."""
+    from . import format as fmt
+    from .tokenizer import CHAT_END, END_OF_TEXT, add_tags, check_tags_atomic
+
+    if chat_template is not None:
+        tokenizer.chat_template = chat_template
+    vocab = tokenizer.get_vocab()
+    if CHAT_END in vocab:
+        tokenizer.eos_token = CHAT_END
+    if (tokenizer.pad_token is None or tokenizer.pad_token == tokenizer.eos_token) and END_OF_TEXT in vocab:
+        tokenizer.pad_token = END_OF_TEXT
+    added = add_tags(tokenizer, fmt.TAGS if tags is None else tags)
+    check_tags_atomic(tokenizer)
+    return added
+
+
+def prepare_pretrained(model, tokenizer, tags: Sequence[str] | None = None,
+                       chat_template: str | None = QWEN3_CHAT_TEMPLATE,
+                       max_position_embeddings: int | None = None) -> list[str]:
+    """Make a hub checkpoint speak the kit's format (paper §3.2 SFT set-up); returns the tags added.
+
+    The chat end ``<|im_end|>`` becomes EOS (base checkpoints end on ``<|endoftext|>``, which then
+    pads), the tags become atomic non-special tokens whose embedding rows start as the mean of their
+    name's rows (``</Thread>`` ← mean of the rows of ``/Thread``), and the chat template is
+    `QWEN3_CHAT_TEMPLATE` unless ``chat_template=None`` keeps the checkpoint's own.
+    ``max_position_embeddings`` raises the context (Qwen3 small models ship 40960).
+    """
+    from .tokenizer import init_tag_embeddings
+
+    added = prepare_tokenizer(tokenizer, tags, chat_template)
+    init_tag_embeddings(model, tokenizer, added)
+    # One EOS everywhere: the orchestrator, HF generate and vLLM all stop on the same id.
+    for cfg in (model.config, model.generation_config):
+        cfg.eos_token_id = tokenizer.eos_token_id
+        cfg.pad_token_id = tokenizer.pad_token_id
+    if max_position_embeddings:
+        model.config.max_position_embeddings = max_position_embeddings
+    return added
+
+
+def pretrained_tokenizer(name_or_path: str | Path, tags: Sequence[str] | None = None,
+                         chat_template: str | None = QWEN3_CHAT_TEMPLATE, revision: str | None = None,
+                         local_files_only: bool = False):
+    """A hub checkpoint's tokenizer exactly as `load_pretrained` returns it, without the weights
+    (notebook 01 tokenises with it; notebook 02 then loads the model with `pretrained_for`)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(name_or_path), revision=revision, local_files_only=local_files_only)
+    prepare_tokenizer(tokenizer, tags, chat_template)
+    return tokenizer
+
+
+def load_pretrained(name_or_path: str | Path, dtype: str = "float32", attn_implementation: str = "sdpa",
+                    tags: Sequence[str] | None = None, chat_template: str | None = QWEN3_CHAT_TEMPLATE,
+                    max_position_embeddings: int | None = None, revision: str | None = None,
+                    local_files_only: bool = False):
+    """A hub Qwen3 (id or local folder) and its tokenizer, ready for the kit: ``(model, tokenizer)``.
+
+    See `prepare_pretrained`. Save the result with `save_model`: the folder loads with
+    ``AutoModelForCausalLM.from_pretrained`` and ``vllm.LLM``. Example::
+
+        model, tok = load_pretrained("Qwen/Qwen3-1.7B", dtype="bfloat16")
+        tok.convert_tokens_to_ids("<Thread>")   # one new id; <think> keeps Qwen3's own id
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(name_or_path), revision=revision, local_files_only=local_files_only)
+    model = AutoModelForCausalLM.from_pretrained(str(name_or_path), dtype=getattr(torch, dtype), revision=revision,
+                                                 attn_implementation=attn_implementation,
+                                                 local_files_only=local_files_only)
+    prepare_pretrained(model, tokenizer, tags, chat_template, max_position_embeddings)
+    return model, tokenizer
+
+
+def pretrained_for(tokenizer, name_or_path: str | Path, **kwargs):
+    """`load_pretrained` checked against a tokenizer saved earlier from the same checkpoint (notebook 01's):
+    the same vocabulary and tag ids, or a ``ValueError`` naming the first difference."""
+    model, own = load_pretrained(name_or_path, **kwargs)
+    if len(own) != len(tokenizer):
+        raise ValueError(f"{name_or_path} gives {len(own)} tokens with the tags, the run's tokenizer {len(tokenizer)}")
+    from . import format as fmt
+
+    for tag in fmt.TAGS:
+        a, b = own.convert_tokens_to_ids(tag), tokenizer.convert_tokens_to_ids(tag)
+        if a != b:
+            raise ValueError(f"tag {tag} is id {a} in {name_or_path} but {b} in the run's tokenizer")
+    return model

@@ -5,7 +5,11 @@ into rows up to a token budget, and a collator turns rows into ids, tree positio
 4D ancestor mask and pre-shifted labels. The sequential baseline's trajectories have no blocks, so
 their trie is a plain path and the mask is plain causal (with packing).
 
-Rows store only 1D arrays (ids, positions, exit times, labels); masks are built per batch.
+Rows store only 1D arrays (ids, positions, exit times, labels); masks are built per batch. Two
+mask kinds (``TrainSettings.attention``): ``"dense"``, the additive ``[B,1,L,L]`` float mask for
+eager/sdpa (CPU; O(L²) memory), and ``"flex"``, a flex-attention ``BlockMask`` built from the exit
+times on the model's device (GPU; O(L) inputs, fully masked 128×128 tiles skipped), which lets one
+packed row of 32k tokens train on one GPU with bf16 and gradient checkpointing.
 
 >>> from twlib.tokenizer import build_char_tokenizer
 >>> tok = build_char_tokenizer()
@@ -17,13 +21,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Literal, Sequence
 
 from . import format as fmt
 from .trie import IGNORE, Objective, PackedTrie, collate, pack_rows, pack_trajectory
 from .tokenizer import prompt_ids
 
 ROW_COLUMNS = ("input_ids", "position_ids", "exit", "labels")
+Attention = Literal["dense", "flex"]
+ATTENTION_KINDS = ("dense", "flex")
+# flex attention works in 128×128 tiles; rows padded to a multiple of it keep the compiled kernels few.
+FLEX_BLOCK = 128
 
 
 def trajectory_tries(examples: Iterable[dict], tokenizer, objective: Objective = "corrected") -> list[PackedTrie]:
@@ -61,16 +69,70 @@ def row_from_record(record: dict) -> PackedTrie:
                       list(record["labels"]), [0] * n)
 
 
+def row_tensors(rows: Sequence[PackedTrie], pad_id: int, length: int | None = None) -> dict:
+    """``input_ids``, ``position_ids``, pre-shifted ``shift_labels`` and ``tree_exit`` (``[B, L]``; −1 pads).
+
+    Everything a mask needs in O(L): query i sees key j iff ``j <= i <= tree_exit[j]`` (or i == j).
+    """
+    import torch
+
+    L = length or max(len(r) for r in rows)
+    ids = torch.full((len(rows), L), pad_id, dtype=torch.long)
+    pos = torch.zeros((len(rows), L), dtype=torch.long)
+    labels = torch.full((len(rows), L), IGNORE, dtype=torch.long)
+    exits = torch.full((len(rows), L), -1, dtype=torch.long)
+    for b, r in enumerate(rows):
+        n = len(r)
+        ids[b, :n] = torch.tensor(r.input_ids)
+        pos[b, :n] = torch.tensor(r.position_ids)
+        labels[b, :n] = torch.tensor(r.labels)
+        exits[b, :n] = torch.tensor(r.exit)
+    return {"input_ids": ids, "position_ids": pos, "shift_labels": labels, "tree_exit": exits}
+
+
+def ancestor_block_mask(exits, compile: bool | None = None):
+    """flex-attention ``BlockMask`` of the ancestor rule from ``[B, L]`` exit times, on ``exits.device``.
+
+    Same rule as `twlib.trie.ancestor_mask` (padding, exit −1, sees only itself). Mask creation is
+    compiled on CUDA, where it never materialises L×L; on CPU it runs eagerly. Example: exits
+    ``[[1, 1]]`` (a two-token path) allow (0,0), (1,0), (1,1) — a causal mask.
+    """
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    B, L = exits.shape
+
+    def ancestor(b, h, q, k):
+        return ((k <= q) & (q <= exits[b, k])) | (q == k)
+
+    compile = exits.device.type == "cuda" if compile is None else compile
+    return create_block_mask(ancestor, B=B, H=None, Q_LEN=L, KV_LEN=L, device=exits.device, _compile=compile)
+
+
+def set_attention(model, attention: Attention) -> None:
+    """Switch a transformers model to the attention kernel a mask kind needs (flex: ``flex_attention``).
+
+    Dense masks run on whatever the model was loaded with (eager or sdpa); a flex ``BlockMask`` only
+    on ``flex_attention``.
+    """
+    if attention not in ATTENTION_KINDS:
+        raise ValueError(f"attention must be one of {ATTENTION_KINDS}, got {attention!r}")
+    if attention == "flex" and model.config._attn_implementation != "flex_attention":
+        model.set_attn_implementation("flex_attention")
+
+
 @dataclass
 class TrieCollator:
-    """Rows → ``input_ids``, ``position_ids``, 4D float ``attention_mask``, ``labels``/``shift_labels``.
+    """Rows → ``input_ids``, ``position_ids``, a mask, ``labels``/``shift_labels``.
 
     ``labels`` and ``shift_labels`` are the same pre-shifted tensor: transformers computes the loss
     only when ``labels`` is given and then uses ``shift_labels`` as is (no flat-order shift).
+    The mask is the 4D float ``attention_mask`` (``attention="dense"``) or, for ``"flex"``, the exit
+    times ``tree_exit`` from which the trainer builds a ``BlockMask`` on the model's device.
     """
     pad_token_id: int
     dtype: str = "float32"
     pad_to_multiple_of: int = 8
+    attention: Attention = "dense"
 
     def __call__(self, records: list[dict]) -> dict:
         import torch
@@ -78,7 +140,12 @@ class TrieCollator:
         rows = [row_from_record(r) for r in records]
         length = max(len(r) for r in rows)
         length = -(-length // self.pad_to_multiple_of) * self.pad_to_multiple_of
-        batch = collate(rows, self.pad_token_id, length, getattr(torch, self.dtype))
+        if self.attention == "flex":
+            batch = row_tensors(rows, self.pad_token_id, length)
+        elif self.attention == "dense":
+            batch = collate(rows, self.pad_token_id, length, getattr(torch, self.dtype))
+        else:
+            raise ValueError(f"attention must be one of {ATTENTION_KINDS}, got {self.attention!r}")
         batch["labels"] = batch["shift_labels"]
         return batch
 
@@ -96,13 +163,65 @@ class TrainSettings:
     save_steps: int = 100
     seed: int = 0
     bf16: bool = False
+    # Scale switches (GPU profiles); the defaults are the CPU demo's.
+    use_cpu: bool = True
+    attention: Attention = "dense"
+    gradient_checkpointing: bool = False
+    gradient_accumulation_steps: int = 1
+
+    def __post_init__(self):
+        if self.attention not in ATTENTION_KINDS:
+            raise ValueError(f"attention must be one of {ATTENTION_KINDS}, got {self.attention!r}")
+        if self.gradient_accumulation_steps < 1:
+            raise ValueError(f"gradient_accumulation_steps must be >= 1, got {self.gradient_accumulation_steps}")
+
+
+def trainer_class():
+    """``TrieSFTTrainer``: TRL's ``SFTTrainer`` whose mask is built per batch on the model's device.
+
+    The batch's mask (dense ``attention_mask`` or flex ``tree_exit``) is taken out of the inputs
+    before TRL sees them and handed to the model's forward by a pre-hook: TRL counts a batch's
+    tokens as ``attention_mask.sum()``, which means nothing for an additive 4D mask and fails on a
+    ``BlockMask``. Built lazily so ``import twlib.sft`` needs no TRL.
+    """
+    from trl import SFTTrainer
+
+    class TrieSFTTrainer(SFTTrainer):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self._mask = None
+            self.model.register_forward_pre_hook(self._inject_mask, with_kwargs=True)
+
+        def _inject_mask(self, module, args, kwargs):
+            if self._mask is not None and kwargs.get("attention_mask") is None:
+                kwargs["attention_mask"] = self._mask
+            return args, kwargs
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            inputs = dict(inputs)
+            exits = inputs.pop("tree_exit", None)
+            mask = inputs.pop("attention_mask", None)
+            self._mask = ancestor_block_mask(exits) if exits is not None else mask
+            try:
+                return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                             num_items_in_batch=num_items_in_batch)
+            finally:
+                self._mask = None
+
+    return TrieSFTTrainer
 
 
 def make_trainer(model, tokenizer, train_rows, output_dir: str | Path, settings: TrainSettings,
-                 use_cpu: bool = True):
-    """TRL ``SFTTrainer`` over pre-packed rows with the trie collator."""
-    from trl import SFTConfig, SFTTrainer
+                 use_cpu: bool | None = None):
+    """TRL ``SFTTrainer`` over pre-packed rows with the trie collator (``use_cpu`` None: ``settings.use_cpu``).
 
+    ``settings.attention == "flex"`` switches the model to flex attention; gradient checkpointing is
+    the non-reentrant kind, which recomputes each layer with the same mask object.
+    """
+    from trl import SFTConfig
+
+    use_cpu = settings.use_cpu if use_cpu is None else use_cpu
+    set_attention(model, settings.attention)
     args = SFTConfig(
         output_dir=str(output_dir), max_steps=settings.max_steps,
         per_device_train_batch_size=settings.per_device_train_batch_size,
@@ -112,10 +231,55 @@ def make_trainer(model, tokenizer, train_rows, output_dir: str | Path, settings:
         seed=settings.seed, data_seed=settings.seed, bf16=settings.bf16, use_cpu=use_cpu,
         # Rows are already tokenised, packed trees: TRL must neither re-tokenise nor drop columns.
         dataset_kwargs={"skip_prepare_dataset": True}, remove_unused_columns=False, max_length=None,
-        gradient_checkpointing=False, report_to="none", dataloader_num_workers=0,
+        gradient_checkpointing=settings.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if settings.gradient_checkpointing else None,
+        gradient_accumulation_steps=settings.gradient_accumulation_steps,
+        report_to="none", dataloader_num_workers=0,
     )
-    return SFTTrainer(model=model, args=args, train_dataset=train_rows, processing_class=tokenizer,
-                      data_collator=TrieCollator(tokenizer.pad_token_id, "bfloat16" if settings.bf16 else "float32"))
+    collator = TrieCollator(tokenizer.pad_token_id, "bfloat16" if settings.bf16 else "float32",
+                            FLEX_BLOCK if settings.attention == "flex" else 8, settings.attention)
+    return trainer_class()(model=model, args=args, train_dataset=train_rows, processing_class=tokenizer,
+                           data_collator=collator)
+
+
+def parameter_count(model) -> int:
+    """Parameters of a model, also when ZeRO-3 has partitioned them (``ds_numel`` is the full size)."""
+    return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+
+
+def save_trained(trainer, tokenizer, path: str | Path, distributed: bool | None = None) -> Path:
+    """Save a trained model and its tokenizer into one folder, atomically (HF format: transformers, vLLM).
+
+    One plain process saves the model object directly (`twlib.models.save_model`). Under several
+    processes, DeepSpeed or FSDP (``distributed`` None: detected) every process must call this: the
+    trainer gathers the shards (ZeRO-3 needs ``zero3_save_16bit_model: true``) and only the main
+    process writes, into a temporary sibling that then replaces ``path``.
+    """
+    import os
+    import shutil
+
+    from .models import save_model
+
+    acc = trainer.accelerator
+    if distributed is None:
+        distributed = acc.num_processes > 1 or trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled
+    path = Path(path)
+    if not distributed:
+        return save_model(trainer.model, tokenizer, path, overwrite=True)
+    tmp = path.parent / f".{path.name}.tmp-gathered"
+    if acc.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    acc.wait_for_everyone()
+    trainer.save_model(str(tmp))
+    if acc.is_main_process:
+        tokenizer.save_pretrained(tmp)
+        old = path.parent / f".{path.name}.old-gathered"
+        if path.exists():
+            os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    acc.wait_for_everyone()
+    return path
 
 
 def last_checkpoint(output_dir: str | Path) -> str | None:
@@ -139,25 +303,37 @@ def loss_history(log: list[dict]):
     return pd.DataFrame(rows)
 
 
-def train_model(kind: str, cfg, tokenizer, train_ds, run) -> dict:
+def train_model(kind: str, cfg, tokenizer, train_ds, run, base_model: str | None = None,
+                model_dtype: str = "float32", settings: TrainSettings | None = None) -> dict:
     """Train the ``"parallel"`` or ``"sequential"`` model of notebook 02 end to end.
 
-    Checkpoints go to ``<run>/<kind>_checkpoints`` (an interrupted run resumes from the newest);
-    the final model to ``<run>/<kind>_model`` (HF format, loadable by transformers and vLLM).
+    The model is a tiny Qwen3 built from ``cfg.model_spec()`` or, with ``base_model`` (a hub id or
+    folder; None: ``cfg.base_model`` where the config has one), that checkpoint with the tags added
+    (`twlib.models.pretrained_for`, checked against ``tokenizer``), loaded in ``model_dtype`` (keep
+    float32 master weights under bf16 autocast). Checkpoints go to ``<run>/<kind>_checkpoints`` (an
+    interrupted run resumes from the newest); the final model to ``<run>/<kind>_model`` (HF format,
+    loadable by transformers and vLLM). ``settings`` (None: ``cfg.train_settings()``) sets the
+    optimiser and the scale switches. Under ``accelerate launch`` every process runs this.
     Returns ``{"log", "model_path", "parameters", "rows", "trajectories", "trained_tokens"}``.
     """
-    from .models import build_tiny_model, count_parameters, save_model
+    from .models import build_tiny_model, pretrained_for
 
+    settings = cfg.train_settings() if settings is None else settings
+    base_model = getattr(cfg, "base_model", "") if base_model is None else base_model
     examples = dataset_examples(train_ds, parallel=kind == "parallel")
     objective = cfg.objective if kind == "parallel" else "corrected"
     rows = rows_dataset(trajectory_tries(examples, tokenizer, objective), cfg.row_tokens)
-    model = build_tiny_model(tokenizer, cfg.model_spec(), seed=cfg.seed)
-    trainer = make_trainer(model, tokenizer, rows, run.path(f"{kind}_checkpoints"), cfg.train_settings())
+    if base_model:
+        model = pretrained_for(tokenizer, base_model, dtype=model_dtype,
+                               attn_implementation="flex_attention" if settings.attention == "flex" else "sdpa")
+    else:
+        model = build_tiny_model(tokenizer, cfg.model_spec(), seed=cfg.seed)
+    trainer = make_trainer(model, tokenizer, rows, run.path(f"{kind}_checkpoints"), settings)
     with run.timer(f"train_{kind}"):
         log = train(trainer)
-    path = save_model(model, tokenizer, run.path(f"{kind}_model"), overwrite=True)
+    path = save_trained(trainer, tokenizer, run.path(f"{kind}_model"))
     trained = sum(sum(1 for lab in r if lab != IGNORE) for r in rows["labels"])
-    return {"log": log, "model_path": str(path), "parameters": count_parameters(model), "rows": len(rows),
+    return {"log": log, "model_path": str(path), "parameters": parameter_count(model), "rows": len(rows),
             "trajectories": len(examples), "trained_tokens": trained}
 
 
