@@ -27,17 +27,17 @@ def test_models_resolve_to_profile_outputs_then_project_then_hub(tmp_path):
         rewriting.resolve_model(run, str(tmp_path / "nowhere"))
 
 
-def test_generated_traces_keep_correct_answers_only_and_never_fork():
+def test_generated_traces_keep_correct_answers_only():
     def policy(prompt):
         right = "2+2" in prompt
-        # a model that would open a block: with max_blocks 0 the orchestrator decodes it as text
+        # a block opener is plain text here: traces are decoded without the orchestrator
         return ("<think>\n<Parallel>\nx\n</think>\n\n\\boxed{" + ("4" if right else "5") + "}" + END)
     problems = [{"id": "a", "question": "2+2", "answer": "4"}, {"id": "b", "question": "3+3", "answer": "6"}]
     engine = ScriptEngine(policy)
     traces = rewriting.generate_traces(engine, TOK, problems, max_new_tokens=64)
     assert traces == [{"id": "a", "question": "2+2", "answer": "4",
                        "response": "<think>\n<Parallel>\nx\n</think>\n\n\\boxed{4}"}]
-    assert engine.batches == [2]  # one sequential call each, all in one batch
+    assert engine.batches == [2]  # one plain call each, all in one batch
 
 
 def test_dataset_traces_need_sequential_cots(tmp_path):

@@ -297,6 +297,18 @@ def load_profile(path: str | Path) -> Profile:
                    sections=sections, path=path, description=description)
 
 
+def make_engine(engine: str, model_path, eos_token_id: int):
+    """``"hf"`` or ``"vllm"`` engine over a saved model (vLLM is imported only when asked for)."""
+    if engine == "vllm":
+        from .engines.vllm import VLLMEngine
+
+        return VLLMEngine.from_pretrained(model_path, eos_token_id)
+    from .engines.hf import HFEngine
+    from .models import load_model
+
+    return HFEngine(load_model(model_path), eos_token_id)
+
+
 # ------------------------------------------------------------------------------ stage configs
 @register_stage
 @dataclass(frozen=True, kw_only=True)
@@ -468,17 +480,40 @@ class TrieSFTConfig(StageConfig):
     train_sequential: bool = True
     train_parallel: bool = True
     example_index: int = 0
+    train_data: str = "01_trajectories"
+    base_model: str = ""
+    model_dtype: str = "float32"
+    bf16: bool = False
+    attention: str = "dense"
+    gradient_checkpointing: bool = False
+    gradient_accumulation_steps: int = 1
+    use_cpu: bool = True
+    accelerate_config: str = ""
+    num_processes: int = 0
 
     def validate(self) -> None:
         from .models import VLLM_CPU_HEAD_DIMS
 
         for name in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size",
-                     "max_steps", "batch_rows", "row_tokens", "logging_steps", "save_steps"):
+                     "max_steps", "batch_rows", "row_tokens", "logging_steps", "save_steps",
+                     "gradient_accumulation_steps"):
             self._check(getattr(self, name) >= 1, name, "must be >= 1")
-        self._check(self.hidden_size % self.num_heads == 0, "num_heads", "must divide hidden_size")
-        self._check(self.num_heads % self.num_kv_heads == 0, "num_kv_heads", "must divide num_heads")
-        self._check(self.hidden_size // self.num_heads in VLLM_CPU_HEAD_DIMS, "num_heads",
-                    f"must give a head size hidden_size/num_heads in {VLLM_CPU_HEAD_DIMS}")
+        if not self.base_model:  # the tiny model's sizes; a pretrained model brings its own
+            self._check(self.hidden_size % self.num_heads == 0, "num_heads", "must divide hidden_size")
+            self._check(self.num_heads % self.num_kv_heads == 0, "num_kv_heads", "must divide num_heads")
+            self._check(self.hidden_size // self.num_heads in VLLM_CPU_HEAD_DIMS, "num_heads",
+                        f"must give a head size hidden_size/num_heads in {VLLM_CPU_HEAD_DIMS}")
+        self._check(self.train_data in ("01_trajectories", "01b_rewriting"), "train_data",
+                    "must be '01_trajectories' (the synthetic CoTs) or '01b_rewriting' (what the LLM rewriting accepted)")
+        self._check(self.base_model == self.base_model.strip(), "base_model", "must not start or end with spaces")
+        self._check(self.model_dtype in ("float32", "bfloat16"), "model_dtype", "must be 'float32' or 'bfloat16'")
+        self._check(self.attention in ("dense", "flex"), "attention", "must be 'dense' or 'flex'")
+        self._check(not (self.attention == "flex" and self.use_cpu), "attention",
+                    "flex needs a GPU (set use_cpu false): flex attention has no backward pass on CPU")
+        self._check(not (self.bf16 and self.use_cpu), "bf16", "needs a GPU (set use_cpu false)")
+        self._check(self.num_processes >= 0, "num_processes", "must be >= 0 (0: the accelerate config's count)")
+        self._check(self.num_processes == 0 or bool(self.accelerate_config), "num_processes",
+                    "needs an accelerate_config (several processes are started by accelerate launch)")
         self._check(self.learning_rate > 0, "learning_rate", "must be > 0")
         self._check(self.qk_norm_init > 0, "qk_norm_init", "must be > 0")
         self._check(self.rope_theta > 0, "rope_theta", "must be > 0")
@@ -500,7 +535,10 @@ class TrieSFTConfig(StageConfig):
 
         return TrainSettings(max_steps=self.max_steps, per_device_train_batch_size=self.batch_rows,
                              learning_rate=self.learning_rate, warmup_steps=self.warmup_steps,
-                             logging_steps=self.logging_steps, save_steps=self.save_steps, seed=self.seed)
+                             logging_steps=self.logging_steps, save_steps=self.save_steps, seed=self.seed,
+                             bf16=self.bf16, use_cpu=self.use_cpu, attention=self.attention,
+                             gradient_checkpointing=self.gradient_checkpointing,
+                             gradient_accumulation_steps=self.gradient_accumulation_steps)
 
 
 @register_stage
@@ -539,14 +577,7 @@ class EvaluationConfig(StageConfig):
 
     def make_engine(self, model_path, eos_token_id: int):
         """The engine named by ``engine`` for a saved model (vLLM is imported only when asked for)."""
-        if self.engine == "vllm":
-            from .engines.vllm import VLLMEngine
-
-            return VLLMEngine.from_pretrained(model_path, eos_token_id)
-        from .engines.hf import HFEngine
-        from .models import load_model
-
-        return HFEngine(load_model(model_path), eos_token_id)
+        return make_engine(self.engine, model_path, eos_token_id)
 
 
 @register_stage
@@ -575,8 +606,26 @@ class PGRPOConfig(StageConfig):
     max_blocks: int = 8
     logging_steps: int = 1
     save_steps: int = 10
+    use_cpu: bool = True
+    bf16: bool = False
+    gradient_checkpointing: bool = False
+    vllm_mode: str = "none"
+    vllm_server_url: str = ""
+    vllm_gpu_memory_utilization: float = 0.3
+    accelerate_config: str = ""
+    num_processes: int = 0
 
     def validate(self) -> None:
+        self._check(not (self.bf16 and self.use_cpu), "bf16", "needs a GPU (set use_cpu false)")
+        self._check(self.vllm_mode in ("none", "colocate", "server"), "vllm_mode",
+                    "must be 'none' (the orchestrator over the policy, HF), 'colocate' or 'server' (TRL's vLLM)")
+        self._check(self.vllm_mode == "none" or not self.use_cpu, "vllm_mode", "needs a GPU (set use_cpu false)")
+        self._check(self.vllm_mode != "server" or self.vllm_server_url.startswith(("http://", "https://")),
+                    "vllm_server_url", "must be the rollout server's http(s) URL when vllm_mode is 'server'")
+        self._check(0 < self.vllm_gpu_memory_utilization <= 1, "vllm_gpu_memory_utilization", "must be in (0, 1]")
+        self._check(self.num_processes >= 0, "num_processes", "must be >= 0 (0: the accelerate config's count)")
+        self._check(self.num_processes == 0 or bool(self.accelerate_config), "num_processes",
+                    "needs an accelerate_config (several processes are started by accelerate launch)")
         for name in ("max_steps", "prompts_per_step", "max_new_tokens", "max_thread_tokens", "max_threads",
                      "logging_steps", "save_steps"):
             self._check(getattr(self, name) >= 1, name, "must be >= 1")
@@ -607,11 +656,16 @@ class PGRPOConfig(StageConfig):
     def grpo_args(self, output_dir, std_advantages: bool = False):
         from .pgrpo import grpo_args
 
-        return grpo_args(output_dir, max_steps=self.max_steps, prompts_per_step=self.prompts_per_step,
+        args = grpo_args(output_dir, max_steps=self.max_steps, prompts_per_step=self.prompts_per_step,
                          num_generations=self.num_generations, learning_rate=self.learning_rate,
                          temperature=self.temperature, top_p=self.top_p, std_advantages=std_advantages,
                          logging_steps=self.logging_steps, save_steps=self.save_steps, seed=self.seed,
-                         max_completion_length=self.max_new_tokens)
+                         max_completion_length=self.max_new_tokens, use_cpu=self.use_cpu, bf16=self.bf16,
+                         use_vllm=self.vllm_mode == "colocate",
+                         vllm_gpu_memory_utilization=self.vllm_gpu_memory_utilization)
+        if self.gradient_checkpointing:
+            args.gradient_checkpointing, args.gradient_checkpointing_kwargs = True, {"use_reentrant": False}
+        return args
 
 
 @register_stage
@@ -641,8 +695,10 @@ class SelfTrainingConfig(StageConfig):
     logging_steps: int = 25
     save_steps: int = 100
     n_eval: int = 100
+    engine: str = "hf"
 
     def validate(self) -> None:
+        self._check(self.engine in ("hf", "vllm"), "engine", "must be 'hf' or 'vllm'")
         for name in ("n_prompts", "samples_per_prompt", "max_new_tokens", "max_thread_tokens", "max_threads",
                      "chunk_size", "max_steps", "batch_rows", "row_tokens", "logging_steps", "save_steps"):
             self._check(getattr(self, name) >= 1, name, "must be >= 1")
@@ -666,12 +722,20 @@ class SelfTrainingConfig(StageConfig):
                                   max_context=max_context, max_threads=self.max_threads, max_blocks=self.max_blocks,
                                   sampling=sampling)
 
-    def train_settings(self):
+    def make_engine(self, model_path, eos_token_id: int):
+        return make_engine(self.engine, model_path, eos_token_id)
+
+    def train_settings(self, sft_cfg=None):
+        """This stage's optimiser and schedule; the scale switches (device, bf16, mask kind, checkpointing,
+        accumulation) are notebook 02's, whose models this stage retrains."""
+        import dataclasses
+
         from .sft import TrainSettings
 
-        return TrainSettings(max_steps=self.max_steps, per_device_train_batch_size=self.batch_rows,
-                             learning_rate=self.learning_rate, warmup_steps=self.warmup_steps,
-                             logging_steps=self.logging_steps, save_steps=self.save_steps, seed=self.seed)
+        base = sft_cfg.train_settings() if sft_cfg is not None else TrainSettings()
+        return dataclasses.replace(base, max_steps=self.max_steps, per_device_train_batch_size=self.batch_rows,
+                                   learning_rate=self.learning_rate, warmup_steps=self.warmup_steps,
+                                   logging_steps=self.logging_steps, save_steps=self.save_steps, seed=self.seed)
 
 
 @register_stage
@@ -685,9 +749,11 @@ class RewritingConfig(StageConfig):
     llm_model: str = "02_trie_sft/sequential_model"
     llm_base_url: str = ""
     llm_api_key: str = ""
+    llm_max_tokens_field: str = "max_tokens"
     n_traces: int = 50
     traces_from: str = "dataset"
     trace_model: str = ""
+    trace_engine: str = "hf"
     trace_max_new_tokens: int = 4096
     max_retries: int = 2
     min_diversity: int = 200
@@ -708,6 +774,9 @@ class RewritingConfig(StageConfig):
         if self.traces_from == "model":
             self._check(bool(self.trace_model.strip()), "trace_model", "must name the model that writes the "
                         "sequential traces when traces_from is 'model'")
+        self._check(self.trace_engine in ("hf", "vllm"), "trace_engine", "must be 'hf' or 'vllm'")
+        self._check(self.llm_max_tokens_field in ("max_tokens", "max_completion_tokens"), "llm_max_tokens_field",
+                    "must be 'max_tokens' or 'max_completion_tokens' (what the endpoint calls the answer budget)")
         for name in ("trace_max_new_tokens", "max_tokens"):
             self._check(getattr(self, name) >= 1, name, "must be >= 1")
         self._check(self.max_retries >= 0, "max_retries", "must be >= 0")

@@ -33,7 +33,7 @@ from typing import Sequence
 
 from . import config
 
-JOBS = {"sft": "02_trie_sft", "pgrpo": "04_pgrpo"}
+JOBS = {"sft": "02_trie_sft", "retrain": "03_self_training", "pgrpo": "04_pgrpo"}
 VLLM_MODES = ("none", "colocate", "server")
 
 
@@ -171,20 +171,41 @@ def sft_job(params: str | Path, name: str) -> dict:
     Reads notebook 01's tokenizer and data of the same profile, then `twlib.sft.train_model` with
     `launch_settings`.
     """
-    from .data import load_parquet
-    from .sft import train_model
-    from .tokenizer import load_tokenizer
+    from .sft import stage_tokenizer, train_model, training_data
 
     if name not in ("parallel", "sequential"):
         raise ValueError(f"the SFT model is 'parallel' or 'sequential', got {name!r}")
     cfg = load_stage(params, JOBS["sft"])
     run = _worker_run(cfg)
-    trajectories = run.require_complete("01_trajectories")
-    tokenizer = load_tokenizer(trajectories / "tokenizer")
-    train = load_parquet(trajectories / "data")["train"]
-    result = train_model(name, cfg, tokenizer, train, run, settings=launch_settings(cfg))
+    tokenizer = stage_tokenizer(cfg, run)
+    result = train_model(name, cfg, tokenizer, training_data(cfg, run), run, settings=launch_settings(cfg))
     if _is_main_process():
         _write_result(cfg, "sft", name, result)
+    return result
+
+
+def retrain_job(params: str | Path, name: str = "parallel") -> dict:
+    """Notebook 03's retraining in this process: the merged examples the notebook wrote to
+    ``<run>/data/train.jsonl``, with notebook 02's model kind and `launch_settings`."""
+    import dataclasses
+
+    from .self_training import retrain
+    from .tokenizer import load_tokenizer
+
+    cfg = load_stage(params, JOBS["retrain"])
+    run = _worker_run(cfg)
+    sft_cfg = run.stage_config(JOBS["sft"])
+    sft_model = run.require_complete(JOBS["sft"]) / "parallel_model"
+    examples = [json.loads(line) for line in (run.folder / "data" / "train.jsonl").read_text(encoding="utf-8").splitlines()]
+    settings = dataclasses.replace(launch_settings(sft_cfg), **{
+        k: getattr(cfg.train_settings(sft_cfg), k) for k in
+        ("max_steps", "per_device_train_batch_size", "learning_rate", "warmup_steps", "logging_steps",
+         "save_steps", "seed")})
+    scratch = cfg.retrain_from == "scratch"
+    result = retrain(examples, load_tokenizer(sft_model), None if scratch else sft_model, settings, cfg.row_tokens,
+                     run, name, spec=sft_cfg.model_spec(), seed=cfg.seed, base_model=sft_cfg.base_model)
+    if _is_main_process():
+        _write_result(cfg, "retrain", name, result)
     return result
 
 
@@ -238,8 +259,6 @@ def pgrpo_job(params: str | Path, name: str) -> dict:
     each step; the kit's `twlib.engines.openai.OpenAIEngine` talks to it). Saving goes through
     `twlib.sft.save_trained`, so ZeRO-3 shards are gathered into one loadable folder.
     """
-    import torch
-
     from . import pgrpo
     from .data import load_parquet
     from .engines.openai import OpenAIEngine
@@ -266,17 +285,9 @@ def pgrpo_job(params: str | Path, name: str) -> dict:
     # As notebook 04: the parallel run may start from the self-trained model instead of notebook 02's.
     init = (run.require_complete(getattr(cfg, "parallel_init", "02_trie_sft")) if kind == "parallel"
             else trained) / f"{kind}_model"
-    args = pgrpo.grpo_args(
-        run.path(f"{name}_checkpoints"), max_steps=cfg.max_steps, prompts_per_step=cfg.prompts_per_step,
-        num_generations=cfg.num_generations, learning_rate=cfg.learning_rate, temperature=cfg.temperature,
-        top_p=cfg.top_p, std_advantages=std, logging_steps=cfg.logging_steps, save_steps=cfg.save_steps,
-        seed=cfg.seed, max_completion_length=cfg.max_new_tokens,
-        use_cpu=getattr(cfg, "use_cpu", not torch.cuda.is_available()), bf16=getattr(cfg, "bf16", _launched_bf16()),
-        use_vllm=mode != "none", vllm_gpu_memory_utilization=getattr(cfg, "vllm_gpu_memory_utilization", 0.3))
+    args = cfg.grpo_args(run.path(f"{name}_checkpoints"), std)
     # Read when the trainer starts, so they may follow the constructor.
-    args.vllm_mode = "server" if mode == "server" else "colocate"
-    if getattr(cfg, "gradient_checkpointing", False):
-        args.gradient_checkpointing, args.gradient_checkpointing_kwargs = True, {"use_reentrant": False}
+    args.use_vllm, args.vllm_mode = mode != "none", "server" if mode == "server" else "colocate"
     engine, Trainer = None, pgrpo.make_trainer_class()
     if mode == "server":
         url = getattr(cfg, "vllm_server_url", "")
@@ -304,7 +315,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--name", required=True, help="sft: parallel | sequential; pgrpo: a run of twlib.pgrpo.RUNS")
     args = parser.parse_args(argv)
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # P-GRPO's rollout_func is marked experimental
-    (sft_job if args.job == "sft" else pgrpo_job)(args.params, args.name)
+    {"sft": sft_job, "retrain": retrain_job, "pgrpo": pgrpo_job}[args.job](args.params, args.name)
     return 0
 
 

@@ -272,9 +272,10 @@ RUNS = {  # name → (SFT model it starts from, branching, std-normalised advant
 def prompt_dataset(train_ds, n: int, seed: int, columns: Sequence[str] = ("prompt", "answer", "question")):
     """``n`` training prompts of the target distribution (no ``short-`` problems), shuffled, with ``columns``
     (by default the ``prompt``, ``answer``, ``question`` columns TRL needs)."""
-    keep = [i for i, shape in enumerate(train_ds["shape"]) if not shape.startswith("short-")]
-    ds = train_ds.select(keep).shuffle(seed=seed)
-    return ds.select(range(min(n, len(ds)))).select_columns(list(columns))
+    if "shape" in train_ds.column_names:  # real-math data has no shapes, and no short problems
+        train_ds = train_ds.select([i for i, shape in enumerate(train_ds["shape"]) if not shape.startswith("short-")])
+    ds = train_ds.shuffle(seed=seed)
+    return ds.select(range(min(n, len(ds)))).select_columns([c for c in columns if c in ds.column_names])
 
 
 def train_policy(name: str, cfg, tokenizer, prompts, init_models: dict, run) -> dict:
@@ -296,6 +297,16 @@ def train_policy(name: str, cfg, tokenizer, prompts, init_models: dict, run) -> 
     path = save_model(model, tokenizer, run.path(f"{name}_model"), overwrite=True)
     return {"log": [dict(r) for r in trainer.state.log_history], "model_path": str(path),
             "guard_counts": dict(trainer.guard_counts)}
+
+
+def fit(name: str, cfg, tokenizer, prompts, init_models: dict, run) -> dict:
+    """Notebook 04's run ``name``: in this process (`train_policy`), or with ``accelerate_config`` set, in one
+    process per GPU under ``accelerate launch`` (`twlib.launch.pgrpo_job`), returning the same record."""
+    if not cfg.accelerate_config:
+        return train_policy(name, cfg, tokenizer, prompts, init_models, run)
+    from .launch import accelerate_config, launch
+
+    return launch("pgrpo", cfg, name, accelerate_config(cfg.accelerate_config), cfg.num_processes)
 
 
 HISTORY_COLUMNS = {"reward": "reward", "accuracy": "accuracy", "rollout/acceleration_ratio": "acceleration_ratio",

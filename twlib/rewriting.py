@@ -45,9 +45,12 @@ def _local_engine(kind: str, path: str):
 
     tokenizer = AutoTokenizer.from_pretrained(path)
     if kind == "vllm":
+        import torch
+
         from .engines.vllm import VLLMEngine
 
-        return VLLMEngine.from_pretrained(path, tokenizer.eos_token_id), tokenizer
+        extra = {"dtype": "bfloat16"} if torch.cuda.is_available() else {}
+        return VLLMEngine.from_pretrained(path, tokenizer.eos_token_id, **extra), tokenizer
     from .engines.hf import HFEngine
     from .models import load_model
 
@@ -60,26 +63,30 @@ def make_llm(cfg, run):
     from .llm import EngineChat, HTTPChat
 
     if cfg.llm_engine == "endpoint":
-        return HTTPChat(cfg.llm_base_url, cfg.llm_model, api_key=cfg.llm_api_key or None)
+        return HTTPChat(cfg.llm_base_url, cfg.llm_model, api_key=cfg.llm_api_key or None,
+                        max_tokens_field=cfg.llm_max_tokens_field)
     engine, tokenizer = _local_engine(cfg.llm_engine, resolve_model(run, cfg.llm_model))
     return EngineChat(engine, tokenizer, model_id(cfg.llm_engine, cfg.llm_model))
 
 
 def generate_traces(engine, tokenizer, problems: Sequence[dict], max_new_tokens: int,
                     progress: Callable[[int], None] | None = None) -> list[dict]:
-    """Sequential traces written by a model (greedy, never forking), the correct ones only, as
-    ``{"id", "question", "answer", "response"}`` — the paper's step 0 keeps correct answers only."""
+    """Sequential traces written by a model (plain decoding, greedy, in one engine batch), the correct
+    ones only, as ``{"id", "question", "answer", "response"}`` — the paper's step 0 keeps correct answers
+    only. A stock checkpoint works as is: plain decoding needs no format tags."""
+    from .engines import Request
     from .grading import grade
-    from .orchestrator import Orchestrator, OrchestratorConfig
     from .tokenizer import prompt_ids
 
-    config = OrchestratorConfig(max_new_tokens=max_new_tokens, max_thread_tokens=max_new_tokens,
-                                max_context=1 << 30, max_blocks=0)
-    results = Orchestrator(engine, tokenizer, config).run([prompt_ids(tokenizer, p["question"]) for p in problems],
-                                                          progress)
+    requests = [Request(tuple(prompt_ids(tokenizer, p["question"])), max_new_tokens) for p in problems]
+    completions = engine.generate(requests)
+    if progress:
+        progress(len(problems))
     out = []
-    for p, r in zip(problems, results):
-        ids = r.response_ids[:-1] if r.response_ids and r.response_ids[-1] == tokenizer.eos_token_id else r.response_ids
+    for p, c in zip(problems, completions):
+        ids = list(c.ids)
+        if ids and ids[-1] == tokenizer.eos_token_id:
+            ids = ids[:-1]
         text = tokenizer.decode(ids, skip_special_tokens=False)
         if grade(text, str(p["answer"])).correct:
             out.append({"id": str(p["id"]), "question": p["question"], "answer": str(p["answer"]), "response": text})
@@ -96,16 +103,18 @@ def traces(cfg, run, train_ds, progress: Callable[[int], None] | None = None) ->
             raise ValueError("the 01 training split has no sequential_completion column (real-math data has no "
                              "traces): set traces_from to 'model' and name a trace_model")
         return rows
-    engine, tokenizer = _local_engine("vllm" if cfg.llm_engine == "vllm" else "hf", resolve_model(run, cfg.trace_model))
+    engine, tokenizer = _local_engine(cfg.trace_engine, resolve_model(run, cfg.trace_model))
     return generate_traces(engine, tokenizer, rows, cfg.trace_max_new_tokens, progress)
+
+
+def accepted_rows(path: str | Path) -> list[dict]:
+    """The rows of a 01b run's ``accepted.jsonl`` (``question``, ``answer``, ``completion``,
+    ``sequential_completion``, statistics)."""
+    import json
+
+    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines()]
 
 
 def accepted_examples(path: str | Path) -> list[dict]:
     """``accepted.jsonl`` of a 01b run → trie-SFT examples ``{"question", "text"}``."""
-    import json
-
-    out = []
-    for line in Path(path).read_text(encoding="utf-8").splitlines():
-        row = json.loads(line)
-        out.append({"question": row["question"], "text": row["completion"][0]["content"]})
-    return out
+    return [{"question": r["question"], "text": r["completion"][0]["content"]} for r in accepted_rows(path)]

@@ -157,28 +157,45 @@ def merged_examples(kept: Sequence[dict], stage1: Sequence[dict], seed: int = 0)
 
 
 def retrain(examples: Sequence[dict], tokenizer, init_model, settings, row_tokens: int, run, name: str = "parallel",
-            spec=None, seed: int = 0) -> dict:
-    """Trie SFT on ``examples`` (``{"question", "text"}``), from the saved model ``init_model`` or, when
-    it is None, from a fresh tiny model of ``spec`` (the paper retrains from the base model).
+            spec=None, seed: int = 0, base_model: str = "") -> dict:
+    """Trie SFT on ``examples`` (``{"question", "text"}``), from the saved model ``init_model`` or, when it
+    is None, from a fresh start as the paper does: ``base_model`` (a pretrained Qwen3, tags added) or, without
+    one, a tiny model of ``spec``. ``settings`` are `twlib.sft.TrainSettings` (device, mask kind, ...).
 
     Checkpoints go to ``<run>/<name>_checkpoints`` (an interrupted run resumes from the newest), the
     model to ``<run>/<name>_model``. Returns ``{"log", "model_path", "rows", "trajectories"}``.
     """
-    from .models import build_tiny_model, load_model, save_model
-    from .sft import make_trainer, rows_dataset, train, trajectory_tries
+    from .models import build_tiny_model, load_model, pretrained_for
+    from .sft import make_trainer, rows_dataset, save_trained, train, trajectory_tries
 
     if not examples:
         raise ValueError("no examples to retrain on: no rollout was kept and no stage-1 data was merged")
     rows = rows_dataset(trajectory_tries(examples, tokenizer), row_tokens)
-    model = build_tiny_model(tokenizer, spec, seed=seed) if init_model is None else load_model(init_model)
+    attn = "flex_attention" if settings.attention == "flex" else "sdpa"
+    if init_model is not None:
+        model = load_model(init_model, attn_implementation=attn)
+    elif base_model:
+        model = pretrained_for(tokenizer, base_model, attn_implementation=attn)
+    else:
+        model = build_tiny_model(tokenizer, spec, seed=seed)
     trainer = make_trainer(model, tokenizer, rows, run.path(f"{name}_checkpoints"), settings)
     with run.timer(f"train_{name}"):
         log = train(trainer)
-    path = save_model(model, tokenizer, run.path(f"{name}_model"), overwrite=True)
+    path = save_trained(trainer, tokenizer, run.path(f"{name}_model"))
     return {"log": log, "model_path": str(path), "rows": len(rows), "trajectories": len(examples)}
 
 
-REWRITING_STAGE = "01b_rewriting"
+def fit(examples: Sequence[dict], cfg, sft_cfg, tokenizer, sft_model, run) -> dict:
+    """Notebook 03's retraining with notebook 02's model kind and scale: in this process, or, where 02
+    trained under ``accelerate launch``, the same way (`twlib.launch`, job ``retrain``, reading the merged
+    examples from ``<run>/data/train.jsonl``)."""
+    if sft_cfg.accelerate_config:
+        from .launch import accelerate_config, launch
+
+        return launch("retrain", cfg, "parallel", accelerate_config(sft_cfg.accelerate_config), sft_cfg.num_processes)
+    scratch = cfg.retrain_from == "scratch"
+    return retrain(examples, tokenizer, None if scratch else sft_model, cfg.train_settings(sft_cfg), cfg.row_tokens,
+                   run, spec=sft_cfg.model_spec(), seed=cfg.seed, base_model=sft_cfg.base_model)
 
 
 def stage1_examples(run, train_ds, n_synthetic: int, use_rewritten: bool, seed: int = 0) -> dict[str, list[dict]]:

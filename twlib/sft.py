@@ -337,6 +337,35 @@ def train_model(kind: str, cfg, tokenizer, train_ds, run, base_model: str | None
             "trajectories": len(examples), "trained_tokens": trained}
 
 
+def stage_tokenizer(cfg, run):
+    """Notebook 02's tokenizer: ``base_model``'s with the tags added, else notebook 01's tiny one."""
+    if cfg.base_model:
+        from .models import pretrained_tokenizer
+
+        return pretrained_tokenizer(cfg.base_model)
+    from .tokenizer import load_tokenizer
+
+    return load_tokenizer(run.require_complete("01_trajectories") / "tokenizer")
+
+
+def training_data(cfg, run):
+    """The trajectories notebook 02 trains on (``train_data``): the 01 training split, or every trajectory the
+    stage-1 rewriting accepted (``question``, ``completion``, ``sequential_completion`` columns)."""
+    if cfg.train_data == "01b_rewriting":
+        from datasets import Dataset
+
+        from .rewriting import accepted_rows
+
+        rows = accepted_rows(run.require_complete("01b_rewriting") / "accepted.jsonl")
+        if not rows:
+            raise ValueError("01b_rewriting accepted no trajectory: there is nothing to train on "
+                             "(see its rejected.jsonl and report)")
+        return Dataset.from_list(rows)
+    from .data import load_parquet
+
+    return load_parquet(run.require_complete("01_trajectories") / "data", splits=("train",))["train"]
+
+
 def reference_match(model, tokenizer, examples: Sequence[dict], objective: Objective = "corrected",
                     batch_size: int = 16, progress=None) -> list[bool]:
     """For each ``{"question", "text"}``: would greedy decoding write the reference text token for token?
@@ -388,6 +417,8 @@ def reference_scores(model_paths: dict, tokenizer, ds, progress=None):
 
     from .models import load_model
 
+    if "completion" not in ds.column_names:  # real-math prompts carry no reference CoT to reproduce
+        return pd.DataFrame(columns=["model", "family", "shape", "problems", "reproduced"])
     frames = []
     for kind, path in model_paths.items():
         model = load_model(path)
@@ -402,6 +433,22 @@ def reference_scores(model_paths: dict, tokenizer, ds, progress=None):
     overall = rows.groupby("model").reproduced.agg(["size", "mean"]).reset_index().assign(family="all", shape="all")
     return (pd.concat([by_shape, overall], ignore_index=True)
             .rename(columns={"size": "problems", "mean": "reproduced"}))
+
+
+def reproduced_share(scores, kind: str) -> float | None:
+    """The overall share of `reference_scores` for one model, None where nothing was scored."""
+    row = scores[(scores.model == kind) & (scores.family == "all")]
+    return float(row.reproduced.iloc[0]) if len(row) else None
+
+
+def fit(kind: str, cfg, tokenizer, train_ds, run) -> dict:
+    """Notebook 02's training of one model: in this process (`train_model`), or with ``accelerate_config``
+    set, in one process per GPU under ``accelerate launch`` (`twlib.launch`), returning the same record."""
+    if not cfg.accelerate_config:
+        return train_model(kind, cfg, tokenizer, train_ds, run)
+    from .launch import accelerate_config, launch
+
+    return launch("sft", cfg, kind, accelerate_config(cfg.accelerate_config), cfg.num_processes)
 
 
 def example_with_block(ds, index: int = 0) -> dict:
