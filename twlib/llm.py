@@ -33,7 +33,6 @@ import hashlib
 import json
 import re
 import threading
-import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
@@ -150,37 +149,21 @@ class HTTPChat:
         self.client.close()
 
     def chat(self, messages: Messages, max_tokens: int, temperature: float) -> str:
-        import httpx
-
         from .engines import EngineError
+        from .engines.openai import post_with_retries
 
         body = {"model": self.model, "messages": check_messages(messages), self.max_tokens_field: int(max_tokens),
                 "temperature": float(temperature)} | self.extra_body
-        cause = ""
-        for attempt in range(self.retries + 1):
-            if attempt:
-                time.sleep(self.backoff_s * 2 ** (attempt - 1))
-            try:
-                response = self.client.post(self.url, json=body)
-            except httpx.TimeoutException as e:
-                cause = f"timed out ({type(e).__name__})"
-                continue
-            except httpx.TransportError as e:
-                cause = f"cannot reach the server ({type(e).__name__}: {e})"
-                continue
-            if response.status_code == 429 or response.status_code >= 500:
-                cause = f"HTTP {response.status_code}: {response.text[:300]}"
-                continue
-            if response.status_code >= 400:
-                raise EngineError(f"{self.url} rejected the request (HTTP {response.status_code}): "
-                                  f"{response.text[:500]}")
+
+        def read(response) -> str:
             try:
                 content = response.json()["choices"][0]["message"].get("content")
             except (ValueError, KeyError, IndexError, TypeError, AttributeError):
                 raise EngineError(f"{self.url} answered without choices[0].message: {response.text[:300]}") from None
             # A refusal or an empty message is an answer too; the caller judges it.
             return content or ""
-        raise EngineError(f"{self.url}: no answer after {self.retries + 1} tries; last cause: {cause}")
+
+        return post_with_retries(self.client, self.url, body, self.retries, self.backoff_s, read)
 
     def chat_batch(self, conversations: Sequence[Messages], max_tokens: int, temperature: float,
                    on_reply: OnReply | None = None) -> list[str]:

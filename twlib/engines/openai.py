@@ -11,9 +11,44 @@ from __future__ import annotations
 
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Sequence
+from typing import Callable, Sequence
 
 from . import Completion, EngineError, Request, finish_reason
+
+
+class Retry(Exception):
+    """Raised by a response reader of `post_with_retries`: this answer is worth asking for again."""
+
+
+def post_with_retries(client, url: str, body: dict, retries: int, backoff_s: float, read: Callable, what: str = "answer"):
+    """POST ``body`` as JSON and return ``read(response)``, with exponential backoff on timeouts, dropped
+    connections, HTTP 429/5xx and `Retry`; other 4xx answers fail at once. After ``retries + 1`` tries
+    `EngineError` names the URL and the last cause, e.g. ``...: no completion after 3 tries; last cause: HTTP 500``.
+    """
+    import httpx
+
+    cause = ""
+    for attempt in range(retries + 1):
+        if attempt:
+            time.sleep(backoff_s * 2 ** (attempt - 1))
+        try:
+            response = client.post(url, json=body)
+        except httpx.TimeoutException as e:
+            cause = f"timed out ({type(e).__name__})"
+            continue
+        except httpx.TransportError as e:
+            cause = f"cannot reach the server ({type(e).__name__}: {e})"
+            continue
+        if response.status_code == 429 or response.status_code >= 500:
+            cause = f"HTTP {response.status_code}: {response.text[:300]}"
+            continue
+        if response.status_code >= 400:
+            raise EngineError(f"{url} rejected the request (HTTP {response.status_code}): {response.text[:500]}")
+        try:
+            return read(response)
+        except Retry as e:
+            cause = str(e)
+    raise EngineError(f"{url}: no {what} after {retries + 1} tries; last cause: {cause}")
 
 
 class OpenAIEngine:
@@ -48,34 +83,18 @@ class OpenAIEngine:
         return body
 
     def _complete(self, r: Request) -> Completion:
-        import httpx
-
         if r.max_new_tokens < 1:
             return Completion((), "length")
-        url, cause = f"{self.base_url}/v1/completions", ""
-        for attempt in range(self.retries + 1):
-            if attempt:
-                time.sleep(self.backoff_s * 2 ** (attempt - 1))
-            try:
-                response = self.client.post(url, json=self._body(r))
-            except httpx.TimeoutException as e:
-                cause = f"timed out ({type(e).__name__})"
-                continue
-            except httpx.TransportError as e:
-                cause = f"cannot reach the server ({type(e).__name__}: {e})"
-                continue
-            if response.status_code >= 500:
-                cause = f"HTTP {response.status_code}: {response.text[:300]}"
-                continue
-            if response.status_code >= 400:
-                raise EngineError(f"{url} rejected the request (HTTP {response.status_code}): {response.text[:500]}")
+        url = f"{self.base_url}/v1/completions"
+
+        def read(response) -> Completion:
             choice = response.json()["choices"][0]
             if choice.get("finish_reason") == "abort":
-                cause = "the server aborted the generation"
-                continue
+                raise Retry("the server aborted the generation")
             if "token_ids" not in choice or choice["token_ids"] is None:
                 raise EngineError(f"{url} returned no token ids; the server must support return_token_ids "
                                   "(vLLM >= 0.10)")
             ids = tuple(int(i) for i in choice["token_ids"])
             return Completion(ids, finish_reason(ids, r.stop_ids, self.eos_token_id))
-        raise EngineError(f"{url}: no completion after {self.retries + 1} tries; last cause: {cause}")
+
+        return post_with_retries(self.client, url, self._body(r), self.retries, self.backoff_s, read, "completion")
