@@ -97,13 +97,14 @@ def test_fixture_splits_exact_counts_and_columns(cache):
         assert ds.column_names == list(SPLIT_COLUMNS)
         assert set(ds["split"]) == {split}
         for row in ds:
-            assert row["prompt"] == [{"role": "user", "content": row["question"] + INSTRUCTION_SUFFIX}]
+            assert row["question"] == row["problem"] + INSTRUCTION_SUFFIX
+            assert row["prompt"] == [{"role": "user", "content": row["question"]}]
             assert row["id"].startswith(row["source"] + "-") and row["question"] and row["answer"]
     polaris = load_math("polaris", FIXTURES / "polaris.jsonl", cache_dir=cache)
     assert sorted([*dsd["train"]["id"], *dsd["validation"]["id"]]) == sorted(polaris["id"])
     first = dsd["test"][0]
     assert (first["id"], first["split"], first["source"], first["answer"]) == ("aime24-0", "test", "aime24", "30")
-    assert first["question"].startswith("Find the number of ordered pairs")
+    assert first["problem"].startswith("Find the number of ordered pairs")
 
 
 def test_caps_apply_to_train_and_to_each_benchmark(cache):

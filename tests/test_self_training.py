@@ -150,3 +150,5 @@ def test_before_after_table_by_hand():
     row = table.loc["m"]
     assert row["accuracy"] == 0.5 and row["format_correct_rate"] == 0.5
     assert row["critical_path_tokens"] == 35 and row["mean_speedup"] == (2.0 + 1.0) / 2
+    no_reference = self_training.before_after({"m": recs}, [{}, {}])
+    assert no_reference.loc["m", "accuracy"] == 0.5 and no_reference.loc["m", "mean_speedup"] != no_reference.loc["m", "mean_speedup"]

@@ -216,7 +216,7 @@ def stage1_examples(run, train_ds, n_synthetic: int, use_rewritten: bool, seed: 
 def before_after(checks: dict[str, Sequence[dict]], problems: Sequence[dict]):
     """One row per model of `twlib.evaluation.evaluate` records on the same ``problems``: accuracy,
     format-correct rate, mean total and critical-path tokens, and the mean per-problem speedup over the
-    problem's sequential CoT length (``seq_tokens`` of the 01 data) (pandas).
+    problem's sequential CoT length (``seq_tokens`` of the 01 data; NaN where problems have none) (pandas).
 
     >>> rec = {"gold": "1", "correct": True, "format_correct": True, "total_tokens": 60, "critical_path_tokens": 40}
     >>> float(before_after({"m": [rec]}, [{"seq_tokens": 80}]).loc["m", "mean_speedup"])
@@ -233,5 +233,7 @@ def before_after(checks: dict[str, Sequence[dict]], problems: Sequence[dict]):
                       "format_correct_rate": sum(r["format_correct"] for r in recs) / n,
                       "total_tokens": sum(r["total_tokens"] for r in recs) / n,
                       "critical_path_tokens": sum(r["critical_path_tokens"] for r in recs) / n,
-                      "mean_speedup": sum(p["seq_tokens"] / r["critical_path_tokens"] for r, p in zip(recs, problems)) / n}
+                      # Real-math problems have no reference sequential CoT to measure a speedup against.
+                      "mean_speedup": (sum(p["seq_tokens"] / r["critical_path_tokens"] for r, p in zip(recs, problems)) / n
+                                       if all("seq_tokens" in p for p in problems) else float("nan"))}
     return pd.DataFrame(rows).T

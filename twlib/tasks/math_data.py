@@ -293,7 +293,7 @@ def prompt_rows(ds, suffix: str = INSTRUCTION_SUFFIX):
 
 
 #: Columns of the splits `build_math_dataset` makes (``prompt`` as `prompt_rows` writes it).
-SPLIT_COLUMNS = ("id", "split", "source", "question", "answer", "prompt")
+SPLIT_COLUMNS = ("id", "split", "source", "problem", "question", "answer", "prompt")
 
 
 def local_path(data_dir: str | Path, name: str) -> Path:
@@ -321,7 +321,9 @@ def local_path(data_dir: str | Path, name: str) -> Path:
 
 
 def _split_rows(ds, split: str, suffix: str):
-    """``ds`` (the `SCHEMA` columns) as rows of ``split`` with the `SPLIT_COLUMNS`."""
+    """``ds`` (the `SCHEMA` columns) as rows of ``split`` with the `SPLIT_COLUMNS`. The kit builds every
+    model prompt from ``question`` (`twlib.tokenizer.prompt_ids`), so ``question`` carries the instruction
+    suffix, as ``prompt`` does; ``problem`` keeps the dataset's own text."""
     import datasets
 
     string = datasets.Value("string")
@@ -329,7 +331,9 @@ def _split_rows(ds, split: str, suffix: str):
                                  | {"prompt": [{"role": string, "content": string}]})
     columns = {c: list(ds[c]) for c in SCHEMA}
     columns["split"] = [split] * len(ds)
-    columns["prompt"] = [[{"role": "user", "content": q + suffix}] for q in columns["question"]]
+    columns["problem"] = columns["question"]
+    columns["question"] = [q + suffix for q in columns["problem"]]
+    columns["prompt"] = [[{"role": "user", "content": q}] for q in columns["question"]]
     return datasets.Dataset.from_dict({c: columns[c] for c in SPLIT_COLUMNS}, features=features)
 
 
@@ -346,7 +350,7 @@ def build_math_dataset(train: str = TRAINING, benchmarks: Iterable[str] = BENCHM
     capped at ``n_train`` (0: all). The validation split depends on the seed only, not on ``n_train``.
     ``n_test`` caps each benchmark (0: all; its first rows). With ``data_dir`` every dataset is read from
     its `local_path` there, otherwise from the hub. Columns: `SPLIT_COLUMNS`, all strings but ``prompt``
-    (``[{"role": "user", "content": question + suffix}]``).
+    (``[{"role": "user", "content": question}]``); ``question`` is ``problem + suffix``.
 
     >>> import json, pathlib, tempfile
     >>> d = pathlib.Path(tempfile.mkdtemp())
