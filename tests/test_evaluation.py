@@ -64,3 +64,15 @@ def test_evaluate_records_from_replayed_trajectories():
     assert records[0]["num_blocks"] == 2 and records[0]["threads_per_block"] == [2, 3]
     assert records[1]["critical_path_tokens"] == records[1]["total_tokens"]
     assert all(0 < r["engine_seconds"] <= r["wall_seconds"] for r in records)
+    assert [r["format_correct"] for r in records] == [True, True]
+
+
+def test_real_math_source_is_the_family_and_bad_format_is_counted():
+    problems = [{"id": "aime24-0", "question": "q1", "answer": "7", "source": "aime24"}]
+    units = trie.units(prompt_ids(TOK, "q1"), fmt.parse(TWO_BLOCKS), TOK)
+    record = evaluate(Orchestrator(ReplayEngine(units), TOK), problems, TOK)[0]
+    assert (record["family"], record["correct"], record["format_correct"]) == ("aime24", True, True)
+    # A response that never closes </think> fails the strict check (and so the format-correct rate).
+    from scripted_engines import END, ScriptEngine
+    bad = evaluate(Orchestrator(ScriptEngine(lambda p: "<think>\nx \\boxed{7}" + END), TOK), problems, TOK)[0]
+    assert bad["format_correct"] is False and not bad["flags"]

@@ -23,7 +23,7 @@ PAPER_HEADLINE = {"seq_accuracy": 0.722, "par_accuracy": 0.719, "seq_latency": 1
 def evaluate(orchestrator, problems: Sequence[dict], tokenizer, batch_size: int = 1,
              progress: Callable[[int], None] | None = None) -> list[dict]:
     """One record per problem (``problems`` rows need ``question`` and ``answer``; ``family``,
-    ``shape`` and ``id`` are carried over when present)."""
+    ``shape`` and ``id`` are carried over when present, and a real-math ``source`` becomes the family)."""
     from .tokenizer import prompt_ids
 
     if batch_size < 1:
@@ -38,6 +38,8 @@ def evaluate(orchestrator, problems: Sequence[dict], tokenizer, batch_size: int 
             g = grade(r.text, str(p["answer"]))
             records.append({
                 **{k: p[k] for k in ("id", "family", "shape") if k in p},
+                # Real-math problems: the benchmark plays the family's part in the tables.
+                **({"family": p["source"]} if "source" in p and "family" not in p else {}),
                 "gold": str(p["answer"]), "answer": g.answer, "correct": g.correct,
                 "total_tokens": r.metrics["total_tokens"], "critical_path_tokens": r.metrics["critical_path_tokens"],
                 "num_blocks": r.metrics["num_blocks"], "threads_per_block": r.metrics["threads_per_block"],
