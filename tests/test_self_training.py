@@ -152,3 +152,23 @@ def test_before_after_table_by_hand():
     assert row["critical_path_tokens"] == 35 and row["mean_speedup"] == (2.0 + 1.0) / 2
     no_reference = self_training.before_after({"m": recs}, [{}, {}])
     assert no_reference.loc["m", "accuracy"] == 0.5 and no_reference.loc["m", "mean_speedup"] != no_reference.loc["m", "mean_speedup"]
+
+
+def test_stage1_examples_take_synthetic_rows_and_what_the_rewriting_accepted(tmp_path):
+    import json
+    import types
+
+    from datasets import Dataset
+
+    rows = [{"question": f"q{i}", "completion": [{"role": "assistant", "content": f"T{i}"}]} for i in range(5)]
+    run = types.SimpleNamespace(profile_root=tmp_path, stage_path=lambda *parts: tmp_path.joinpath(*parts))
+    out = self_training.stage1_examples(run, Dataset.from_list(rows), 3, use_rewritten=True, seed=0)
+    assert list(out) == ["synthetic"] and len(out["synthetic"]) == 3  # no complete 01b stage: nothing more
+    assert {e["question"] for e in out["synthetic"]} <= {r["question"] for r in rows}
+    stage = tmp_path / self_training.REWRITING_STAGE
+    stage.mkdir()
+    (stage / "metrics.json").write_text(json.dumps({"status": "complete"}))
+    (stage / "accepted.jsonl").write_text(json.dumps({"question": "r", "completion": [{"content": "R"}]}) + "\n")
+    out = self_training.stage1_examples(run, Dataset.from_list(rows), 0, use_rewritten=True)
+    assert out == {"synthetic": [], "rewritten": [{"question": "r", "text": "R"}]}
+    assert "rewritten" not in self_training.stage1_examples(run, Dataset.from_list(rows), 0, use_rewritten=False)

@@ -21,6 +21,7 @@ from . import format as fmt
 from .grading import grade
 
 REASONS = ("kept", "guard", "format", "drift", "incorrect", "duplicate")
+REWRITING_STAGE = "01b_rewriting"
 
 
 def verdict(result, gold: str, tokenizer) -> tuple[str, str | None]:
