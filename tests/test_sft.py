@@ -51,6 +51,23 @@ def test_trainer_loss_equals_unit_reference(tmp_path, parallel):
     assert abs(loss.item() - reference.item()) < 1e-4
 
 
+
+def test_bf16_autocast_on_cpu_trains_with_the_fp32_loss(tmp_path):
+    """cpu-demo trains under bf16 autocast on the CPU: same first losses as fp32 up to bf16 rounding."""
+    rows = sft.rows_dataset(sft.trajectory_tries(_examples(8), TOK), max_tokens=1024)
+    losses = {}
+    for bf16 in (False, True):
+        model = models.build_tiny_model(TOK, SPEC, seed=1)
+        settings = sft.TrainSettings(max_steps=2, per_device_train_batch_size=2, logging_steps=1, save_steps=100,
+                                     learning_rate=1e-3, bf16=bf16, use_cpu=True)
+        trainer = sft.make_trainer(model, TOK, rows, tmp_path / str(bf16), settings)
+        assert trainer.data_collator.dtype == ("bfloat16" if bf16 else "float32")
+        losses[bf16] = [r["loss"] for r in sft.train(trainer) if "loss" in r]
+        assert next(model.parameters()).dtype == torch.float32  # master weights stay fp32
+    assert len(losses[True]) == len(losses[False]) == 2
+    for lo_fp32, lo_bf16 in zip(losses[False], losses[True]):
+        assert lo_bf16 != lo_fp32 and abs(lo_bf16 - lo_fp32) < 0.02 * lo_fp32
+
 def test_sequential_trie_is_a_plain_causal_path():
     row = sft.trajectory_tries(_examples(1, parallel=False), TOK)[0]
     n = len(row)

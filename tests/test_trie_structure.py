@@ -4,6 +4,7 @@ DFS order of branch copies, dense and flex masks, row packing, and the unit list
 The character tokenizer makes every character one token and every tag one token, so expected
 sequences are written out as token strings (split by `_t`, independently of the tokenizer).
 """
+import random
 import re
 
 import pytest
@@ -340,6 +341,25 @@ def test_units_exact():
         ("sequential", None, None, main_before_join, TAIL),
     ]
     assert main_before_join + TAIL == MAIN
+
+
+def test_pack_rows_many_rows_equals_first_fit_loop():
+    """Hundreds of rows: each trie lands in the first row with room, as the plain loop would put it."""
+    rng = random.Random(3)
+    sizes = [rng.randint(1, 100) for _ in range(400)]
+    chains = [trie.PackedTrie([k] * n, list(range(n)), list(range(-1, n - 1)), [n - 1] * n, [True] * n,
+                              [k] * n, [0] * n) for k, n in enumerate(sizes)]
+    rows = trie.pack_rows(chains, 128)
+    expected: list[list[int]] = []
+    for k in sorted(range(len(sizes)), key=lambda k: sizes[k], reverse=True):
+        for row in expected:
+            if sum(sizes[m] for m in row) + sizes[k] <= 128:
+                row.append(k)
+                break
+        else:
+            expected.append([k])
+    assert len(rows) > 150
+    assert [[r.input_ids[i] for i, p in enumerate(r.parent) if p == -1] for r in rows] == expected
 
 
 def test_units_two_blocks_headers_and_prefixes():

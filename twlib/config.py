@@ -511,7 +511,6 @@ class TrieSFTConfig(StageConfig):
         self._check(self.attention in ("dense", "flex"), "attention", "must be 'dense' or 'flex'")
         self._check(not (self.attention == "flex" and self.use_cpu), "attention",
                     "flex needs a GPU (set use_cpu false): flex attention has no backward pass on CPU")
-        self._check(not (self.bf16 and self.use_cpu), "bf16", "needs a GPU (set use_cpu false)")
         self._check(self.num_processes >= 0, "num_processes", "must be >= 0 (0: the accelerate config's count)")
         self._check(self.num_processes == 0 or bool(self.accelerate_config), "num_processes",
                     "needs an accelerate_config (several processes are started by accelerate launch)")

@@ -96,10 +96,10 @@ class PackedTrie:
 
 
 class _Node:
-    __slots__ = ("token", "children", "trained", "index")
+    __slots__ = ("token", "children", "trained")
 
     def __init__(self, token: int):
-        self.token, self.children, self.trained, self.index = token, {}, False, -1
+        self.token, self.children, self.trained = token, {}, False
 
 
 def build_trie(prompt: Sequence[int], unit_list: Sequence[Unit], objective: Objective = "corrected",
@@ -162,7 +162,10 @@ def _insert(root: _Node, tokens: Sequence[int]) -> list[_Node]:
         raise ValueError("every unit must start with the prompt")
     path, node = [root], root
     for t in tokens[1:]:
-        node = node.children.setdefault(t, _Node(t))
+        child = node.children.get(t)
+        if child is None:  # build a node only where the path leaves the trie
+            child = node.children[t] = _Node(t)
+        node = child
         path.append(node)
     return path
 
@@ -180,25 +183,36 @@ def _locate(main: list[int], u: Unit) -> int:
 
 
 def _flatten(root: _Node) -> PackedTrie:
-    out = PackedTrie()
-    stack: list[tuple[_Node, int, int, bool]] = [(root, -1, 0, False)]
+    """Depth-first (pre-order, children in insertion order) flattening of the trie.
+
+    Runs of single-child nodes, most of any trajectory, are walked without the stack. Exit times
+    come from subtree sizes: a node's subtree is the contiguous span after it in pre-order.
+    """
+    ids: list[int] = []
+    positions: list[int] = []
+    parents: list[int] = []
+    trained: list[bool] = []
+    stack: list[tuple[_Node, int, int]] = [(root, -1, 0)]
     while stack:
-        node, parent, depth, done = stack.pop()
-        if done:
-            out.exit[node.index] = len(out) - 1
-            continue
-        node.index = len(out)
-        out.input_ids.append(node.token)
-        out.position_ids.append(depth)
-        out.parent.append(parent)
-        out.exit.append(node.index)
-        out.trained.append(node.trained)
-        out.labels.append(IGNORE)
-        out.sequence.append(0)
-        stack.append((node, parent, depth, True))
+        node, parent, depth = stack.pop()
+        while True:
+            index = len(ids)
+            ids.append(node.token)
+            positions.append(depth)
+            parents.append(parent)
+            trained.append(node.trained)
+            if len(node.children) != 1:
+                break
+            (node,) = node.children.values()
+            parent, depth = index, depth + 1
         for child in reversed(list(node.children.values())):  # insertion order: main path first
-            stack.append((child, node.index, depth + 1, False))
-    return out
+            stack.append((child, index, depth + 1))
+    n = len(ids)
+    size = [1] * n
+    for i in range(n - 1, 0, -1):
+        size[parents[i]] += size[i]
+    return PackedTrie(ids, positions, parents, [i + size[i] - 1 for i in range(n)], trained,
+                      [IGNORE] * n, [0] * n)
 
 
 def pack_trajectory(prompt: Sequence[int], traj: fmt.Trajectory, tokenizer,
@@ -208,19 +222,25 @@ def pack_trajectory(prompt: Sequence[int], traj: fmt.Trajectory, tokenizer,
 
 
 def pack_rows(tries: Sequence[PackedTrie], max_tokens: int) -> list[PackedTrie]:
-    """Greedy first-fit packing of tries into rows of at most ``max_tokens`` positions."""
+    """Greedy first-fit packing of tries, longest first, into rows of at most ``max_tokens`` positions.
+
+    Example: lengths [3, 5, 2, 4] with ``max_tokens=7`` → rows [5, 2] and [4, 3].
+    """
+    import numpy as np
+
     rows: list[PackedTrie] = []
+    room = np.zeros(len(tries), dtype=np.int64)  # free positions per row; first fit is one vector scan
     for t in sorted(tries, key=len, reverse=True):
-        if len(t) > max_tokens:
-            raise ValueError(f"a trajectory of {len(t)} trie tokens exceeds the row budget {max_tokens}")
-        for row in rows:
-            if len(row) + len(t) <= max_tokens:
-                row.extend(t)
-                break
-        else:
-            row = PackedTrie()
-            row.extend(t)
-            rows.append(row)
+        n = len(t)
+        if n > max_tokens:
+            raise ValueError(f"a trajectory of {n} trie tokens exceeds the row budget {max_tokens}")
+        k = int(np.argmax(room[:len(rows)] >= n)) if rows else 0
+        if not rows or room[k] < n:
+            k = len(rows)
+            rows.append(PackedTrie())
+            room[k] = max_tokens
+        rows[k].extend(t)
+        room[k] -= n
     return rows
 
 
