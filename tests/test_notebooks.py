@@ -322,3 +322,22 @@ def test_bench_rl_on_smoke_outputs(smoke_outputs, tmp_path, capsys):
         assert record["trie_tokens"] <= record["expanded_tokens"]
         assert record["trie_over_expanded"] == pytest.approx(record["trie_tokens"] / record["expanded_tokens"], abs=1e-3)
         assert record["trie_step_seconds"] > 0 and record["expanded_step_seconds"] > 0
+
+
+@pytest.mark.notebooks
+def test_bench_sft_on_smoke_outputs(smoke_outputs, tmp_path):
+    from twlib import bench
+
+    folder, spec = smoke_outputs
+    params = tmp_path / "smoke.yaml"
+    params.write_text(yaml.safe_dump(dict(spec, output_root=str(folder.parent))))
+    records = list(bench.bench_sft(config.load_profile(params), n_trajectories=40, steps=4, warmup=1))
+    assert [r["model"] for r in records] == ["sequential", "parallel"]
+    for record in records:
+        assert record["trajectories"] == 40 and record["rows"] >= 1 and record["steps_timed"] == 3
+        assert record["bf16_speedup"] == pytest.approx(
+            record["fp32_seconds_per_step"] / record["bf16_seconds_per_step"], rel=0.01)
+        # same initialisation and rows: bf16 autocast moves the first loss by rounding only
+        fp32, bf16 = record["fp32_first_losses"], record["bf16_first_losses"]
+        assert len(fp32) == len(bf16) == 3
+        assert fp32[0] == pytest.approx(bf16[0], rel=0.02)

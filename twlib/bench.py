@@ -19,6 +19,11 @@ prompts per step, rollouts per prompt, temperature and budgets): tokens scored a
 with the trie (one sample per rollout, ancestor mask) vs expanded units (each engine call its own
 causal sequence, as the official RL did). Needs notebooks 01 and 02's outputs.
 
+``sft``: notebook 02's training step through the real trainer, fp32 vs bf16 autocast, side by side in one
+run on the same rows of the profile's training data (both models): seconds per step after a warm-up,
+the first logged losses of each precision, and the seconds to build and pack the tries (needs notebook
+01's data).
+
 ``gpu``: trie-SFT tokens/s and peak memory at 8k and 32k tokens, flex ``BlockMask`` vs dense mask,
 and HF-engine wall-clock speedup of parallel vs sequential decoding (`twlib.bench_gpu`).
 
@@ -339,6 +344,58 @@ def _bench_rl_policy(profile: config.Profile, policy: str, path, repeats: int) -
            "trie_speedup": round(t_units / t_trie, 2), "rollout_seconds": round(rollout_seconds, 1)}
 
 
+def bench_sft(profile: config.Profile, n_trajectories: int = 1000, steps: int = 30, warmup: int = 5) -> Iterator[dict]:
+    """Notebook 02's trainer step in fp32 and under bf16 autocast on the same packed rows, both models."""
+    import dataclasses
+    import tempfile
+
+    from transformers import TrainerCallback
+
+    from . import models, sft
+    from .data import load_parquet
+    from .tokenizer import load_tokenizer
+    from .trie import pack_rows
+
+    cfg = profile.stage_config("02_trie_sft")
+    root = config_root(profile) / "01_trajectories"
+    if not (root / "data").is_dir():
+        raise SystemExit(f"no training data at {root / 'data'}: run notebook 01 of this profile first")
+    tok = load_tokenizer(root / "tokenizer")
+    ds = load_parquet(root / "data", splits=("train",))["train"]
+    ds = ds.select(range(min(n_trajectories, len(ds))))
+
+    class StepClock(TrainerCallback):
+        def __init__(self):
+            self.times = {}
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.times[state.global_step] = time.perf_counter()
+
+    for kind in ("sequential", "parallel"):
+        t0 = time.perf_counter()
+        tries = sft.trajectory_tries(sft.dataset_examples(ds, parallel=kind == "parallel"), tok)
+        t1 = time.perf_counter()
+        pack_rows(tries, cfg.row_tokens)
+        t2 = time.perf_counter()
+        rows = sft.rows_dataset(tries, cfg.row_tokens)
+        record = {"bench": "sft", "profile": profile.name, "model": kind, "trajectories": len(tries),
+                  "rows": len(rows), "build_tries_seconds": round(t1 - t0, 2), "pack_seconds": round(t2 - t1, 2),
+                  "steps_timed": steps - warmup}
+        for precision in ("fp32", "bf16"):
+            model = models.build_tiny_model(tok, cfg.model_spec(), seed=cfg.seed)
+            settings = dataclasses.replace(cfg.train_settings(), max_steps=steps, logging_steps=1,
+                                           save_steps=steps + 1, bf16=precision == "bf16", warmup_steps=0)
+            with tempfile.TemporaryDirectory() as out:
+                trainer = sft.make_trainer(model, tok, rows, out, settings)
+                clock = StepClock()
+                trainer.add_callback(clock)
+                log = sft.train(trainer)
+            record[f"{precision}_seconds_per_step"] = round((clock.times[steps] - clock.times[warmup]) / (steps - warmup), 4)
+            record[f"{precision}_first_losses"] = [round(r["loss"], 4) for r in log if "loss" in r][:3]
+        record["bf16_speedup"] = round(record["fp32_seconds_per_step"] / record["bf16_seconds_per_step"], 2)
+        yield record
+
+
 def config_root(profile: config.Profile):
     from .runs import project_root
 
@@ -355,6 +412,7 @@ def bench_gpu(profile: config.Profile) -> Iterator[dict]:
 BENCHES: dict[str, Callable[[config.Profile], Iterator[dict]]] = {"data": bench_data, "trie": bench_trie,
                                                                     "induction": bench_induction,
                                                                     "orchestrator": bench_orchestrator, "rl": bench_rl,
+                                                                    "sft": bench_sft,
                                                                     "gpu": bench_gpu}
 
 
