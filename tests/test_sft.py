@@ -51,7 +51,6 @@ def test_trainer_loss_equals_unit_reference(tmp_path, parallel):
     assert abs(loss.item() - reference.item()) < 1e-4
 
 
-
 def test_bf16_autocast_on_cpu_trains_with_the_fp32_loss(tmp_path):
     """cpu-demo trains under bf16 autocast on the CPU: same first losses as fp32 up to bf16 rounding."""
     rows = sft.rows_dataset(sft.trajectory_tries(_examples(8), TOK), max_tokens=1024)
@@ -67,6 +66,7 @@ def test_bf16_autocast_on_cpu_trains_with_the_fp32_loss(tmp_path):
     assert len(losses[True]) == len(losses[False]) == 2
     for lo_fp32, lo_bf16 in zip(losses[False], losses[True]):
         assert lo_bf16 != lo_fp32 and abs(lo_bf16 - lo_fp32) < 0.02 * lo_fp32
+
 
 def test_sequential_trie_is_a_plain_causal_path():
     row = sft.trajectory_tries(_examples(1, parallel=False), TOK)[0]

@@ -354,7 +354,6 @@ def bench_sft(profile: config.Profile, n_trajectories: int = 1000, steps: int = 
     from . import models, sft
     from .data import load_parquet
     from .tokenizer import load_tokenizer
-    from .trie import pack_rows
 
     cfg = profile.stage_config("02_trie_sft")
     root = config_root(profile) / "01_trajectories"
@@ -375,11 +374,10 @@ def bench_sft(profile: config.Profile, n_trajectories: int = 1000, steps: int = 
         t0 = time.perf_counter()
         tries = sft.trajectory_tries(sft.dataset_examples(ds, parallel=kind == "parallel"), tok)
         t1 = time.perf_counter()
-        pack_rows(tries, cfg.row_tokens)
-        t2 = time.perf_counter()
         rows = sft.rows_dataset(tries, cfg.row_tokens)
+        t2 = time.perf_counter()
         record = {"bench": "sft", "profile": profile.name, "model": kind, "trajectories": len(tries),
-                  "rows": len(rows), "build_tries_seconds": round(t1 - t0, 2), "pack_seconds": round(t2 - t1, 2),
+                  "rows": len(rows), "build_tries_seconds": round(t1 - t0, 2), "pack_rows_seconds": round(t2 - t1, 2),
                   "steps_timed": steps - warmup}
         for precision in ("fp32", "bf16"):
             model = models.build_tiny_model(tok, cfg.model_spec(), seed=cfg.seed)
