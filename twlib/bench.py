@@ -349,9 +349,8 @@ def bench_sft(profile: config.Profile, n_trajectories: int = 1000, steps: int = 
     import dataclasses
     import tempfile
 
-    from transformers import TrainerCallback
-
     from . import models, sft
+    from .bench_gpu import step_clock
     from .data import load_parquet
     from .tokenizer import load_tokenizer
 
@@ -362,13 +361,6 @@ def bench_sft(profile: config.Profile, n_trajectories: int = 1000, steps: int = 
     tok = load_tokenizer(root / "tokenizer")
     ds = load_parquet(root / "data", splits=("train",))["train"]
     ds = ds.select(range(min(n_trajectories, len(ds))))
-
-    class StepClock(TrainerCallback):
-        def __init__(self):
-            self.times = {}
-
-        def on_step_end(self, args, state, control, **kwargs):
-            self.times[state.global_step] = time.perf_counter()
 
     for kind in ("sequential", "parallel"):
         t0 = time.perf_counter()
@@ -385,10 +377,10 @@ def bench_sft(profile: config.Profile, n_trajectories: int = 1000, steps: int = 
                                            save_steps=steps + 1, bf16=precision == "bf16", warmup_steps=0)
             with tempfile.TemporaryDirectory() as out:
                 trainer = sft.make_trainer(model, tok, rows, out, settings)
-                clock = StepClock()
+                clock = step_clock()
                 trainer.add_callback(clock)
                 log = sft.train(trainer)
-            record[f"{precision}_seconds_per_step"] = round((clock.times[steps] - clock.times[warmup]) / (steps - warmup), 4)
+            record[f"{precision}_seconds_per_step"] = round(sum(clock.times[warmup:]) / (steps - warmup), 4)
             record[f"{precision}_first_losses"] = [round(r["loss"], 4) for r in log if "loss" in r][:3]
         record["bf16_speedup"] = round(record["fp32_seconds_per_step"] / record["bf16_seconds_per_step"], 2)
         yield record

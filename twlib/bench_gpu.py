@@ -73,12 +73,32 @@ def packed_row(length: int, seed: int = 0):
     return row, tok
 
 
+def step_clock(cuda: bool = False):
+    """A trainer callback that appends each optimiser step's seconds to its ``times`` list (CUDA synchronised)."""
+    import torch
+    from transformers import TrainerCallback
+
+    class StepClock(TrainerCallback):
+        def __init__(self):
+            self.times: list[float] = []
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            if cuda:
+                torch.cuda.synchronize()
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if cuda:
+                torch.cuda.synchronize()
+            self.times.append(time.perf_counter() - self.t0)
+
+    return StepClock()
+
+
 def _sft_step(shape: str, length: int, attention: str, device: str, steps: int, seed: int) -> dict:
     """``steps`` + 1 real trainer steps (AdamW included) on one row; the first one (compiling) is not timed."""
     import torch
     from datasets import Dataset
-    from transformers import TrainerCallback
-
     from .sft import TrainSettings, make_trainer
 
     cuda = device == "cuda"
@@ -90,31 +110,20 @@ def _sft_step(shape: str, length: int, attention: str, device: str, steps: int, 
     rows = Dataset.from_dict({"input_ids": [row.input_ids], "position_ids": [row.position_ids],
                               "exit": [row.exit], "labels": [row.labels]})
     record = {"row_tokens": len(row), "trained_tokens": sum(1 for lab in row.labels if lab != -100)}
-    times: list[float] = []
-
-    class StepClock(TrainerCallback):
-        def on_step_begin(self, args, state, control, **kwargs):
-            if cuda:
-                torch.cuda.synchronize()
-            self.t0 = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kwargs):
-            if cuda:
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - self.t0)
-
+    clock = step_clock(cuda)
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     with tempfile.TemporaryDirectory() as out:
         trainer = make_trainer(model, tok, rows, out, settings)
         trainer.data_collator.pad_to_multiple_of = length  # one shape for every step: flex compiles once
-        trainer.add_callback(StepClock())
+        trainer.add_callback(clock)
         try:
             trainer.train()
         except torch.OutOfMemoryError:
             return {**record, "status": "oom"}
         losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
         del trainer
+    times = clock.times
     seconds = sum(times[1:]) / max(1, len(times) - 1)
     record |= {"status": "ok", "steps_timed": len(times) - 1, "loss": round(float(losses[-1]), 4),
                "step_seconds": round(seconds, 4), "tokens_per_s": round(length / seconds, 1),

@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import Iterable, Literal, Sequence
 
 from . import format as fmt
-from .trie import IGNORE, Objective, PackedTrie, collate, pack_rows, pack_trajectory
+from .trie import (IGNORE, Objective, PackedTrie, ancestor_block_mask, collate, pack_rows, pack_trajectory,
+                   row_tensors)
 from .tokenizer import prompt_ids
 
 ROW_COLUMNS = ("input_ids", "position_ids", "exit", "labels")
@@ -67,45 +68,6 @@ def row_from_record(record: dict) -> PackedTrie:
     return PackedTrie(list(record["input_ids"]), list(record["position_ids"]), [-1] * n,
                       list(record["exit"]), [lab != IGNORE for lab in record["labels"]],
                       list(record["labels"]), [0] * n)
-
-
-def row_tensors(rows: Sequence[PackedTrie], pad_id: int, length: int | None = None) -> dict:
-    """``input_ids``, ``position_ids``, pre-shifted ``shift_labels`` and ``tree_exit`` (``[B, L]``; −1 pads).
-
-    Everything a mask needs in O(L): query i sees key j iff ``j <= i <= tree_exit[j]`` (or i == j).
-    """
-    import torch
-
-    L = length or max(len(r) for r in rows)
-    ids = torch.full((len(rows), L), pad_id, dtype=torch.long)
-    pos = torch.zeros((len(rows), L), dtype=torch.long)
-    labels = torch.full((len(rows), L), IGNORE, dtype=torch.long)
-    exits = torch.full((len(rows), L), -1, dtype=torch.long)
-    for b, r in enumerate(rows):
-        n = len(r)
-        ids[b, :n] = torch.tensor(r.input_ids)
-        pos[b, :n] = torch.tensor(r.position_ids)
-        labels[b, :n] = torch.tensor(r.labels)
-        exits[b, :n] = torch.tensor(r.exit)
-    return {"input_ids": ids, "position_ids": pos, "shift_labels": labels, "tree_exit": exits}
-
-
-def ancestor_block_mask(exits, compile: bool | None = None):
-    """flex-attention ``BlockMask`` of the ancestor rule from ``[B, L]`` exit times, on ``exits.device``.
-
-    Same rule as `twlib.trie.ancestor_mask` (padding, exit −1, sees only itself). Mask creation is
-    compiled on CUDA, where it never materialises L×L; on CPU it runs eagerly. Example: exits
-    ``[[1, 1]]`` (a two-token path) allow (0,0), (1,0), (1,1) — a causal mask.
-    """
-    from torch.nn.attention.flex_attention import create_block_mask
-
-    B, L = exits.shape
-
-    def ancestor(b, h, q, k):
-        return ((k <= q) & (q <= exits[b, k])) | (q == k)
-
-    compile = exits.device.type == "cuda" if compile is None else compile
-    return create_block_mask(ancestor, B=B, H=None, Q_LEN=L, KV_LEN=L, device=exits.device, _compile=compile)
 
 
 def set_attention(model, attention: Attention) -> None:

@@ -245,17 +245,22 @@ def pack_rows(tries: Sequence[PackedTrie], max_tokens: int) -> list[PackedTrie]:
 
 
 # --------------------------------------------------------------------------------------- masks
+def exit_times(rows: Sequence[PackedTrie], length: int | None = None, device: str = "cpu"):
+    """``[B, L]`` long tensor of the rows' exit times, −1 on padding (what the masks are built from)."""
+    import torch
+
+    L = length or max(len(r) for r in rows)
+    exits = torch.full((len(rows), L), -1, dtype=torch.long, device=device)
+    for b, r in enumerate(rows):
+        exits[b, :len(r)] = torch.tensor(r.exit, dtype=torch.long, device=device)
+    return exits
+
+
 def dense_mask(rows: Sequence[PackedTrie], dtype=None, length: int | None = None):
     """Additive float mask ``[B, 1, L, L]``: 0 where query i may see key j (ancestor-or-self), else
     ``finfo(dtype).min``. Causality and padding are included (a padding query sees only itself).
     """
-    import torch
-
-    L = length or max(len(r) for r in rows)
-    exits = torch.full((len(rows), L), -1, dtype=torch.long)
-    for b, r in enumerate(rows):
-        exits[b, :len(r)] = torch.tensor(r.exit, dtype=torch.long)
-    return ancestor_mask(exits, dtype)
+    return ancestor_mask(exit_times(rows, length), dtype)
 
 
 def ancestor_mask(exits, dtype=None):
@@ -273,24 +278,34 @@ def ancestor_mask(exits, dtype=None):
     return mask
 
 
-def block_mask(rows: Sequence[PackedTrie], length: int | None = None, device: str = "cpu"):
-    """flex-attention ``BlockMask`` with the same rule as `dense_mask`, built from exit times (O(L))."""
-    import torch
+def ancestor_block_mask(exits, compile: bool | None = None):
+    """flex-attention ``BlockMask`` of the ancestor rule from ``[B, L]`` exit times, on ``exits.device``.
+
+    Same rule as `ancestor_mask` (padding, exit −1, sees only itself). Mask creation is compiled on
+    CUDA, where it never materialises L×L; on CPU it runs eagerly. Example: exits ``[[1, 1]]`` (a
+    two-token path) allow (0,0), (1,0), (1,1) — a causal mask.
+    """
     from torch.nn.attention.flex_attention import create_block_mask
 
-    L = length or max(len(r) for r in rows)
-    exits = torch.full((len(rows), L), -1, dtype=torch.long, device=device)
-    for b, r in enumerate(rows):
-        exits[b, :len(r)] = torch.tensor(r.exit, dtype=torch.long, device=device)
+    B, L = exits.shape
 
     def ancestor(b, h, q, k):
         return ((k <= q) & (q <= exits[b, k])) | (q == k)
 
-    return create_block_mask(ancestor, B=len(rows), H=None, Q_LEN=L, KV_LEN=L, device=device)
+    compile = exits.device.type == "cuda" if compile is None else compile
+    return create_block_mask(ancestor, B=B, H=None, Q_LEN=L, KV_LEN=L, device=exits.device, _compile=compile)
 
 
-def collate(rows: Sequence[PackedTrie], pad_id: int, length: int | None = None, dtype=None) -> dict:
-    """Tensors for ``model(**batch)``: ids, tree position ids, dense 4D mask, pre-shifted labels."""
+def block_mask(rows: Sequence[PackedTrie], length: int | None = None, device: str = "cpu"):
+    """flex-attention ``BlockMask`` with the same rule as `dense_mask`, built from exit times (O(L))."""
+    return ancestor_block_mask(exit_times(rows, length, device))
+
+
+def row_tensors(rows: Sequence[PackedTrie], pad_id: int, length: int | None = None) -> dict:
+    """``input_ids``, ``position_ids``, pre-shifted ``shift_labels`` and ``tree_exit`` (``[B, L]``; −1 pads).
+
+    Everything a mask needs in O(L): query i sees key j iff ``j <= i <= tree_exit[j]`` (or i == j).
+    """
     import torch
 
     L = length or max(len(r) for r in rows)
@@ -302,8 +317,14 @@ def collate(rows: Sequence[PackedTrie], pad_id: int, length: int | None = None, 
         ids[b, :n] = torch.tensor(r.input_ids)
         pos[b, :n] = torch.tensor(r.position_ids)
         labels[b, :n] = torch.tensor(r.labels)
-    return {"input_ids": ids, "position_ids": pos, "attention_mask": dense_mask(rows, dtype, L),
-            "shift_labels": labels}
+    return {"input_ids": ids, "position_ids": pos, "shift_labels": labels, "tree_exit": exit_times(rows, L)}
+
+
+def collate(rows: Sequence[PackedTrie], pad_id: int, length: int | None = None, dtype=None) -> dict:
+    """Tensors for ``model(**batch)``: ids, tree position ids, dense 4D mask, pre-shifted labels."""
+    batch = row_tensors(rows, pad_id, length)
+    batch["attention_mask"] = ancestor_mask(batch.pop("tree_exit"), dtype)
+    return batch
 
 
 def trie_path(packed: PackedTrie, tokens: Sequence[int], root: int = 0) -> list[int]:
