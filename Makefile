@@ -26,9 +26,11 @@ smoke: setup
 
 # The whole suite but the GPU tier (GPU tests skip themselves without CUDA anyway).
 test: setup
+	$(BIN)/ruff check twlib tests
 	$(BIN)/python -m pytest -m "not gpu"
 
 test-unit: setup
+	$(BIN)/ruff check twlib tests
 	$(BIN)/python -m pytest -m "not gpu and not notebooks and not engines"
 
 lab: setup

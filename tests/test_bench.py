@@ -6,8 +6,8 @@ import pandas as pd
 import pytest
 
 from twlib import bench, config
-from twlib.data import problem_row
-from twlib.tasks import generate_splits
+from twlib.dataset import problem_row
+from twlib.tasks import generate_splits, task_mix
 from twlib.tokenizer import build_char_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -18,7 +18,7 @@ def test_bench_data_smoke(capsys):
     assert bench.main(["data", "--params", str(params)]) == 0
     records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     cfg = config.load_profile(params).stage_config("01_trajectories")
-    problems = generate_splits(cfg.task_mix(), cfg.sizes(), cfg.seed)
+    problems = generate_splits(task_mix(cfg), cfg.sizes(), cfg.seed)
     tok = build_char_tokenizer()
     df = pd.DataFrame([problem_row(p, tok, s, i) for s, ps in problems.items() for i, p in enumerate(ps)])
     overall = {r["family"]: r for r in records if r["shape"] == "all"}
@@ -43,6 +43,6 @@ def test_bench_rejects_unknown_name():
 
 def test_bench_induction_copy_is_learnt_at_the_demo_learning_rate():
     profile = config.load_profile(ROOT / "params" / "cpu-demo.yaml")
-    (record,) = bench.bench_induction(profile, steps=200, factors=(1.0,))
+    (record,) = bench.benchmark("induction")(profile, steps=200, factors=(1.0,))
     assert record["learning_rate"] == profile.stage_config("02_trie_sft").learning_rate
     assert record["solved_at_step"] is not None and record["copy_error"] < 0.01

@@ -3,6 +3,7 @@ from typing import ClassVar, Literal
 
 import pytest
 
+from twlib import pgrpo
 from twlib.config import STAGE_CONFIGS, ConfigError, StageConfig, load_profile, register_stage
 
 
@@ -191,10 +192,10 @@ def test_stage_range_checks_name_the_parameter(stage, bad, match):
 def test_pgrpo_config_builds_trainer_settings():
     cfg = STAGE_CONFIGS["04_pgrpo"].from_dict({"profile": "p", "clip": 0.5, "max_blocks": 3, "num_generations": 4,
                                                "prompts_per_step": 2})
-    s = cfg.settings(branching=False, max_context=512)
+    s = pgrpo.settings(cfg, branching=False, max_context=512)
     assert s.rewards.clip == 0.5 and s.orchestrator.max_blocks == 3 and s.orchestrator.max_context == 512
     assert s.branching is False
-    args = cfg.grpo_args("/tmp/x", std_advantages=True)
+    args = pgrpo.training_args(cfg, "/tmp/x", std_advantages=True)
     assert args.scale_rewards == "group" and args.per_device_train_batch_size == 8 and args.num_generations == 4
     assert args.beta == 0.0 and args.loss_type == "dapo" and args.num_iterations == 1
-    assert cfg.grpo_args("/tmp/x").scale_rewards == "none"
+    assert pgrpo.training_args(cfg, "/tmp/x").scale_rewards == "none"

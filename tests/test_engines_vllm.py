@@ -6,6 +6,7 @@ import textwrap
 import time
 
 import pytest
+from vllm_script import run_vllm_script
 
 from twlib import format as fmt
 from twlib import models, sft
@@ -16,7 +17,6 @@ from twlib.engines.server import VLLMServer, free_port
 from twlib.orchestrator import Orchestrator, OrchestratorConfig
 from twlib.tasks import ExpressionParams, make_problem
 from twlib.tokenizer import build_char_tokenizer, prompt_ids, segment_ids
-from vllm_script import run_vllm_script
 
 TOK = build_char_tokenizer()
 

@@ -1,7 +1,7 @@
-"""Grading with math-verify, per-problem records from the orchestrator, and the DESIGN §7 summary by hand."""
+"""Grading with math-verify, per-problem records from the orchestrator, and the docs/design.md §7 summary by hand."""
 import pytest
-
 from test_orchestrator import SEQUENTIAL, TOK, TWO_BLOCKS, ReplayEngine
+
 from twlib import format as fmt
 from twlib import trie
 from twlib.evaluation import evaluate, summarize

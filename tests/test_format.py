@@ -1,5 +1,5 @@
 """twlib.format: hand-built trajectories with hand-computed statistics, segments, every FormatError,
-lenient parsing, extract_boxed, and Hypothesis round-trip / robustness properties (DESIGN §4, §7)."""
+lenient parsing, extract_boxed, and Hypothesis round-trip / robustness properties (docs/design.md §4, §7)."""
 from __future__ import annotations
 
 import pytest
@@ -7,8 +7,21 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from twlib import format as fmt
-from twlib.format import (Block, FormatError, Outline, Segment, Text, Thread, Trajectory, extract_boxed,
-                          parse, parse_ids, render_segments, segments, statistics)
+from twlib.format import (
+    Block,
+    FormatError,
+    Outline,
+    Segment,
+    Text,
+    Thread,
+    Trajectory,
+    extract_boxed,
+    parse,
+    parse_ids,
+    render_segments,
+    segments,
+    statistics,
+)
 from twlib.tokenizer import CHARACTERS, build_char_tokenizer, drift, segment_ids, token_counter
 
 TOK = build_char_tokenizer()
@@ -342,7 +355,7 @@ def test_lenient_nested_tag_in_thread_is_text():
 
 
 def test_lenient_nested_block_in_thread_is_text():
-    # DESIGN §4: lenient mode treats nested blocks as text; the enclosing block stays a block
+    # docs/design.md §4: lenient mode treats nested blocks as text; the enclosing block stays a block
     bad = C.replace(" k\n", " k" + NESTED + "k\n")
     t = parse(bad, strict=False, count=COUNT)
     assert len(t.blocks) == 2
@@ -493,7 +506,7 @@ TAG_LIST = list(fmt.TAGS)
 
 
 def _tag_spans(text: str) -> list[tuple[int, int]]:
-    return [(m.start(), m.end()) for m in fmt._TAG_RE.finditer(text)]
+    return [(m.start(), m.end()) for m in fmt.TAG_RE.finditer(text)]
 
 
 @st.composite

@@ -8,8 +8,18 @@ from pathlib import Path
 import pytest
 
 from twlib.grading import grade
-from twlib.tasks.math_data import (BENCHMARKS, INSTRUCTION_SUFFIX, REGISTRY, HubLoadError, MathDataError,
-                                   load_benchmarks, load_math, normalize_answer, prompt_rows, resolve_name)
+from twlib.tasks.math_data import (
+    BENCHMARKS,
+    INSTRUCTION_SUFFIX,
+    REGISTRY,
+    HubLoadError,
+    MathDataError,
+    load_benchmarks,
+    load_math,
+    normalize_answer,
+    prompt_rows,
+    resolve_name,
+)
 
 FIXTURES = Path(__file__).parent / "fixtures" / "math"
 PATHS = {"polaris": FIXTURES / "polaris.jsonl", "aime24": FIXTURES / "aime24.jsonl",

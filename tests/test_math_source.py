@@ -5,13 +5,22 @@ import re
 
 import pytest
 import yaml
-
 from test_math_data import FIXTURES
 from test_notebooks import ROOT
-from twlib import data, pipeline
+
+from twlib import dataset, pipeline
 from twlib.config import ConfigError, TrajectoriesConfig
-from twlib.tasks.math_data import (BENCHMARKS, INSTRUCTION_SUFFIX, SPLIT_COLUMNS, MathDataError, build_math_dataset,
-                                   load_math, local_path, math_statistics)
+from twlib.tasks.math_data import (
+    BENCHMARKS,
+    INSTRUCTION_SUFFIX,
+    SPLIT_COLUMNS,
+    MathDataError,
+    build_math_dataset,
+    load_math,
+    local_path,
+    math_dataset,
+    math_statistics,
+)
 
 # Rows of each fixture file (tests/fixtures/math).
 FIXTURE_ROWS = {"polaris": 4, "aime24": 3, "aime25": 4, "amc23": 4, "math500": 5, "minerva": 4, "olympiadbench": 4}
@@ -154,7 +163,7 @@ def test_builder_errors_name_the_problem(kwargs, message, cache):
 
 def test_config_builds_from_a_folder_relative_to_the_root(cache):
     cfg = make(source="math", n_train=0, n_test=1, math_data_dir="tests/fixtures/math", math_validation=2, seed=3)
-    dsd = cfg.math_dataset(ROOT, cache_dir=cache)
+    dsd = math_dataset(cfg, ROOT, cache_dir=cache)
     assert math_statistics(dsd)["rows"] == {"train": 2, "validation": 2, "test": len(BENCHMARKS)}
     expected = build_math_dataset(data_dir=FIXTURES, n_validation=2, n_test=1, seed=3, cache_dir=cache)
     assert list(dsd["validation"]["id"]) == list(expected["validation"]["id"])
@@ -180,7 +189,7 @@ def test_notebook_01_builds_math_splits(tmp_path, monkeypatch):
     rows = {"train": 2, "validation": 1, "test": len(BENCHMARKS)}
     assert record["metrics"]["examples"] == rows
     assert record["metrics"]["by_source"]["test"] == {b: 1 for b in BENCHMARKS}
-    dsd = data.load_parquet(stage / "data")
+    dsd = dataset.load_parquet(stage / "data")
     assert {s: len(ds) for s, ds in dsd.items()} == rows
     assert all(ds.column_names == list(SPLIT_COLUMNS) for ds in dsd.values())
     assert list(dsd["test"]["source"]) == list(BENCHMARKS) and set(dsd["train"]["source"]) == {"polaris"}

@@ -9,12 +9,20 @@ import textwrap
 
 import pytest
 import torch
+from vllm_script import run_vllm_script
 
 from twlib import format as fmt
-from twlib.models import (TinyModelSpec, add_tags_to_model, build_tiny_model, count_parameters, load_model,
-                          qwen3_config, save_model, spec_dict)
+from twlib.models import (
+    TinyModelSpec,
+    add_tags_to_model,
+    build_tiny_model,
+    count_parameters,
+    load_model,
+    qwen3_config,
+    save_model,
+    spec_dict,
+)
 from twlib.tokenizer import build_char_tokenizer, load_tokenizer, prompt_ids, qwen_tokenizer
-from vllm_script import run_vllm_script
 
 SMALL = TinyModelSpec(hidden_size=32, num_layers=2, num_heads=1, num_kv_heads=1, intermediate_size=64)
 

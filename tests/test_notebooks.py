@@ -1,16 +1,14 @@
 """Notebook hygiene, parameter agreement (cell ↔ YAML ↔ config), and papermill smoke runs."""
 import ast
 import json
-import shutil
 from pathlib import Path
 
 import nbformat
 import pytest
 import yaml
 
-from twlib import config, data, sft
+from twlib import config, dataset, pipeline, sft
 from twlib import format as fmt
-from twlib import pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
@@ -119,7 +117,7 @@ def test_notebook_01_smoke(smoke_outputs):
                                               "validation": params["n_validation"], "test": params["n_test"]}
     for key in ("git_sha", "packages", "device", "timings"):
         assert key in metrics
-    dsd = data.load_parquet(stage / "data")
+    dsd = dataset.load_parquet(stage / "data")
     questions = {s: set(dsd[s]["question"]) for s in dsd}
     shapes = {s: set(dsd[s]["shape"]) for s in dsd}
     assert {"short-balanced", "short-chain"} & shapes["train"] and not any(
@@ -173,7 +171,7 @@ def test_notebook_02_smoke(smoke_outputs):
         import torch
         logits = model(input_ids=torch.tensor([prompt_ids(tok, "a1+b2*c3")])).logits
         assert torch.isfinite(logits).all() and model.config.hidden_size == params["hidden_size"]
-        validation = data.load_parquet(folder / "01_trajectories" / "data")["validation"]
+        validation = dataset.load_parquet(folder / "01_trajectories" / "data")["validation"]
         reproduced = sft.reference_match(model, tok, sft.dataset_examples(validation, parallel=kind == "parallel"))
         if kind == "parallel":  # either granularity of the plan counts
             coarse = [{"question": r["question"], "text": r["coarse_completion"][0]["content"]} for r in validation]
@@ -280,7 +278,7 @@ def test_notebook_05_smoke(smoke_outputs):
     assert metrics["status"] == "complete"
     records = {kind: [json.loads(line) for line in (stage / f"{kind}.jsonl").read_text().splitlines()]
                for kind in ("sequential", "parallel", "self_trained", "grpo_sequential", "pgrpo", "pgrpo_std")}
-    test = data.load_parquet(folder / "01_trajectories" / "data")["test"]
+    test = dataset.load_parquet(folder / "01_trajectories" / "data")["test"]
     for kind, rows in records.items():
         assert [r["id"] for r in rows] == test["id"][:params["n_test"]]
         assert all(r["total_tokens"] <= params["max_new_tokens"] for r in rows)
@@ -331,7 +329,7 @@ def test_bench_sft_on_smoke_outputs(smoke_outputs, tmp_path):
     folder, spec = smoke_outputs
     params = tmp_path / "smoke.yaml"
     params.write_text(yaml.safe_dump(dict(spec, output_root=str(folder.parent))))
-    records = list(bench.bench_sft(config.load_profile(params), n_trajectories=40, steps=4, warmup=1))
+    records = list(bench.benchmark("sft")(config.load_profile(params), n_trajectories=40, steps=4, warmup=1))
     assert [r["model"] for r in records] == ["sequential", "parallel"]
     for record in records:
         assert record["trajectories"] == 40 and record["rows"] >= 1 and record["steps_timed"] == 3

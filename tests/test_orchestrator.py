@@ -1,12 +1,11 @@
 """The fork-join orchestrator against engines that replay known trajectories or scripted (malformed) output."""
 import pytest
+from scripted_engines import END, ReplayEngine, ScriptEngine
 
 from twlib import format as fmt
 from twlib import trie
 from twlib.orchestrator import Orchestrator, OrchestratorConfig
 from twlib.tokenizer import build_char_tokenizer, prompt_ids, segment_ids
-
-from scripted_engines import END, ReplayEngine, ScriptEngine
 
 TOK = build_char_tokenizer()
 EOS = TOK.eos_token_id
@@ -102,7 +101,7 @@ def test_zero_outlines_keeps_decoding_sequentially():
 
 
 def test_hundred_outlines_are_capped_at_max_threads():
-    r, engine = _run(_policy(_outlines(range(1, 101)), lambda n: f"x\n</Thread>"), max_threads=8)
+    r, engine = _run(_policy(_outlines(range(1, 101)), lambda n: "x\n</Thread>"), max_threads=8)
     assert r.flags["threads_dropped"] == 92
     assert r.metrics["threads_per_block"] == [8] and 8 in engine.batches
 

@@ -6,17 +6,16 @@ from collections import defaultdict, deque
 
 import pytest
 import torch
+from scripted_engines import END, EOS, TOK, ScriptEngine
 
 from twlib import format as fmt
 from twlib import models, trie
 from twlib.engines import Completion, finish_reason
 from twlib.orchestrator import Orchestrator, OrchestratorConfig
-from twlib.pgrpo import PGRPOSettings, grpo_args, make_trainer_class, rollout_sample, tree_log_probs, tree_tensors
+from twlib.pgrpo import ParallelGRPOTrainer, PGRPOSettings, grpo_args, rollout_sample, tree_log_probs, tree_tensors
 from twlib.rewards import RewardConfig, reward_function, score
 from twlib.tasks import ExpressionParams, make_problem
 from twlib.tokenizer import prompt_ids, token_counter
-
-from scripted_engines import END, EOS, TOK, ScriptEngine
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 G = 3
@@ -79,7 +78,7 @@ def _trainer(tmp_path, problems, engine=None, std=False, max_steps=2, save_steps
                      learning_rate=1e-3, std_advantages=std, save_steps=save_steps, seed=seed)
     args.weight_decay = 0.0  # a parameter change must come from the policy gradient alone
     settings = PGRPOSettings(rewards=rewards, orchestrator=ORCH, objective=objective)
-    Trainer = make_trainer_class()
+    Trainer = ParallelGRPOTrainer
     return Trainer(model or _model(), TOK, _dataset(problems), args, settings, engine=engine)
 
 
@@ -246,7 +245,7 @@ def test_vllm_colocate_rollouts_on_gpu(tmp_path):
     models.save_model(_model(), TOK, model_dir)
     args = grpo_args(tmp_path / "run", max_steps=1, prompts_per_step=len(problems), num_generations=G,
                      learning_rate=1e-3, use_cpu=False, use_vllm=True, vllm_gpu_memory_utilization=0.2)
-    Trainer = make_trainer_class()
+    Trainer = ParallelGRPOTrainer
     trainer = Trainer(str(model_dir), TOK, _dataset(problems), args,
                       PGRPOSettings(orchestrator=OrchestratorConfig(max_new_tokens=24, max_context=256)))
     trainer.train()

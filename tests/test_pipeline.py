@@ -1,10 +1,10 @@
 import json
 from pathlib import Path
 
+import fixtures_stage  # noqa: F401  registers 01_demo and 02_demo in this process
 import nbformat
 import pytest
 
-import fixtures_stage  # noqa: F401  registers 01_demo and 02_demo in this process
 from twlib import pipeline
 
 TESTS = Path(__file__).resolve().parent
@@ -12,7 +12,8 @@ TESTS = Path(__file__).resolve().parent
 SETUP = f"""import sys
 sys.path.insert(0, {str(TESTS)!r})
 import fixtures_stage
-from twlib.runs import RunFolder, atomic_write_text"""
+from twlib.files import atomic_write_text
+from twlib.runs import RunFolder"""
 
 STAGE1 = """cfg = fixtures_stage.DemoConfig.from_namespace(globals())
 run = RunFolder.open(cfg)

@@ -6,10 +6,10 @@ from typing import ClassVar
 
 import pytest
 
-from twlib import runs
+from twlib import files
 from twlib.config import ConfigError, StageConfig, register_stage
-from twlib.runs import (RunFolder, StageComplete, StageMissing, atomic_dir, atomic_write_bytes,
-                        atomic_write_json, atomic_write_text, is_complete, project_root)
+from twlib.files import atomic_dir, atomic_write_bytes, atomic_write_json, atomic_write_text, project_root
+from twlib.runs import RunFolder, StageComplete, StageMissing, is_complete
 
 
 @register_stage
@@ -54,7 +54,7 @@ def test_failed_atomic_write_keeps_old_file(tmp_path, monkeypatch):
 
     def boom(src, dst):
         raise OSError("disk full")
-    monkeypatch.setattr(runs.os, "replace", boom)
+    monkeypatch.setattr(files.os, "replace", boom)
     with pytest.raises(OSError, match="disk full"):
         atomic_write_text(target, "new")
     assert target.read_text() == "old"

@@ -13,12 +13,12 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from twlib import config, data, launch, models, sft, tasks, trie
-from twlib import format as fmt
-from twlib import tokenizer as tokenizers
 from test_sft import SPEC, TOK, _examples, _reference_loss
 from vllm_script import run_vllm_script
+
+from twlib import config, dataset, launch, masks, models, pgrpo, sft, tasks, trie
+from twlib import format as fmt
+from twlib import tokenizer as tokenizers
 
 ROOT = Path(__file__).resolve().parents[1]
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -40,9 +40,9 @@ def test_block_mask_from_exit_times_is_the_dense_ancestor_mask():
     assert L > 3 * sft.FLEX_BLOCK and (batch["tree_exit"] == -1).any()  # several tiles, some padding
     bm = sft.ancestor_block_mask(batch["tree_exit"])
     allowed = create_mask(bm.mask_mod, B, 1, L, L, device="cpu")
-    assert torch.equal(allowed, trie.dense_mask(rows) == 0)
+    assert torch.equal(allowed, masks.dense_mask(rows) == 0)
     # the older builder from PackedTrie rows agrees too
-    assert torch.equal(create_mask(trie.block_mask(rows).mask_mod, B, 1, L, L, device="cpu"), allowed)
+    assert torch.equal(create_mask(masks.block_mask(rows).mask_mod, B, 1, L, L, device="cpu"), allowed)
     # tiles wholly outside every query's ancestors (above the diagonal, across trajectories) are skipped
     tiles = -(-L // sft.FLEX_BLOCK)
     assert int(bm.kv_num_blocks.sum()) < B * tiles * (tiles + 1) // 2
@@ -267,9 +267,10 @@ def test_train_model_from_a_pretrained_checkpoint(hub_folder, tmp_path):
     cfg = config.TrieSFTConfig(profile="scale", output_root=str(tmp_path), max_steps=3, batch_rows=1, row_tokens=2048,
                                learning_rate=5e-3, warmup_steps=0, logging_steps=1, save_steps=100)
     mix = config.TrajectoriesConfig(profile="scale", families=["products"], family_weights=[1.0], prod_factors_min=2,
-                                    prod_factors_max=2, prod_factor_max=9).task_mix()
+                                    prod_factors_max=2, prod_factor_max=9)
+    mix = tasks.task_mix(mix)
     problems = tasks.generate_splits(mix, {"train": 2, "validation": 1, "test": 1}, 0)
-    train = data.build_dataset_dict(problems, tok)["train"]
+    train = dataset.build_dataset_dict(problems, tok)["train"]
     run = RunFolder.open(cfg)
     result = sft.train_model("parallel", cfg, tok, train, run, base_model=str(hub_folder))
     losses = sft.loss_history(result["log"]).loss.tolist()
@@ -381,12 +382,12 @@ def test_accelerate_command_and_stage_params_round_trip(tmp_path):
         launch.load_stage(path, "04_pgrpo")
     profile_cfg = launch.load_stage(ROOT / "params" / "smoke.yaml", "02_trie_sft")
     assert profile_cfg == config.load_profile(ROOT / "params" / "smoke.yaml").stage_config("02_trie_sft")
-    settings = launch.launch_settings(cfg)
+    settings = sft.train_settings(cfg)
     assert settings.use_cpu == (not torch.cuda.is_available()) and settings.max_steps == 7
 
 
 def test_rollout_server_command_is_trls_vllm_serve(tmp_path):
-    cmd, env = launch.rollout_server_command(tmp_path / "model", port=8123, tensor_parallel_size=2, max_model_len=8192)
+    cmd, env = pgrpo.rollout_server_command(tmp_path / "model", port=8123, tensor_parallel_size=2, max_model_len=8192)
     assert cmd[1:5] == ["-m", "vllm.entrypoints.cli.main", "serve", str(tmp_path / "model")]
     for flag, value in [("--port", "8123"), ("--tensor-parallel-size", "2"), ("--max-model-len", "8192"),
                         ("--dtype", "bfloat16")]:
@@ -398,15 +399,16 @@ def test_rollout_server_command_is_trls_vllm_serve(tmp_path):
 @pytest.fixture(scope="module")
 def tiny_profile(tmp_path_factory):
     """Notebook 01's outputs for a tiny profile, and a params file naming it (absolute output root)."""
-    from twlib.runs import atomic_write_json, stage_dir
+    from twlib.files import atomic_write_json
+    from twlib.runs import stage_dir
 
     root = tmp_path_factory.mktemp("outputs")
     traj = config.TrajectoriesConfig(profile="scale", output_root=str(root), n_train=8, n_validation=2, n_test=2,
                                      expr_groups_min=2, expr_groups_max=3, expr_repeats_min=2, expr_repeats_max=3,
                                      expr_chain_repeats_min=2, expr_chain_repeats_max=3)
     folder = stage_dir(traj.output_root, traj.profile, traj.stage)
-    problems = tasks.generate_splits(traj.task_mix(), traj.sizes(), traj.seed)
-    data.save_parquet(data.build_dataset_dict(problems, TOK), folder / "data")
+    problems = tasks.generate_splits(tasks.task_mix(traj), traj.sizes(), traj.seed)
+    dataset.save_parquet(dataset.build_dataset_dict(problems, TOK), folder / "data")
     tokenizers.save_tokenizer(TOK, folder / "tokenizer")
     atomic_write_json(folder / "metrics.json", {"status": "complete", "params": traj.to_dict()})
     sft_cfg = config.TrieSFTConfig(profile="scale", output_root=str(root), hidden_size=64, num_layers=1, num_heads=2,
@@ -417,12 +419,13 @@ def tiny_profile(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def trained_profile(tiny_profile):
-    """Notebook 02 of the tiny profile run through `launch.sft_job` (both models), marked complete."""
-    from twlib.runs import atomic_write_json, stage_dir
+    """Notebook 02 of the tiny profile run through `launch.worker` (both models), marked complete."""
+    from twlib.files import atomic_write_json
+    from twlib.runs import stage_dir
 
     root, cfg = tiny_profile
     params = launch.write_stage_params(cfg, root / "params")
-    results = {kind: launch.sft_job(params, kind) for kind in ("sequential", "parallel")}
+    results = {kind: launch.worker("sft", params, kind) for kind in ("sequential", "parallel")}
     atomic_write_json(stage_dir(cfg.output_root, cfg.profile, cfg.stage) / "metrics.json",
                       {"status": "complete", "params": cfg.to_dict()})
     return root, cfg, params, results
@@ -438,7 +441,7 @@ def test_sft_job_trains_and_reports_like_the_notebook(trained_profile):
         model = AutoModelForCausalLM.from_pretrained(result["model_path"])
         assert models.count_parameters(model) == result["parameters"] > 0
     with pytest.raises(ValueError, match="'parallel' or 'sequential'"):
-        launch.sft_job(params, "both")
+        launch.worker("sft", params, "both")
 
 
 def test_pgrpo_job_runs_a_step_from_the_sft_model(trained_profile, monkeypatch):
@@ -450,7 +453,7 @@ def test_pgrpo_job_runs_a_step_from_the_sft_model(trained_profile, monkeypatch):
     cfg = config.PGRPOConfig(profile="scale", output_root=str(root), max_steps=1, prompts_per_step=2, num_generations=2,
                              learning_rate=1e-3, max_new_tokens=24, max_thread_tokens=8, save_steps=10)
     params = launch.write_stage_params(cfg, root / "params")
-    result = launch.pgrpo_job(params, "pgrpo")
+    result = launch.worker("pgrpo", params, "pgrpo")
     assert json.loads(launch.result_path(cfg, "pgrpo", "pgrpo").read_text())["model_path"] == result["model_path"]
     step = [r for r in result["log"] if "loss" in r]
     assert len(step) == 1 and 0 < step[0]["rollout/total_tokens"] <= 24
@@ -459,10 +462,10 @@ def test_pgrpo_job_runs_a_step_from_the_sft_model(trained_profile, monkeypatch):
     after = AutoModelForCausalLM.from_pretrained(result["model_path"])
     assert any(not torch.equal(a, b) for a, b in zip(before.parameters(), after.parameters()))
     with pytest.raises(ValueError, match="the RL run is one of"):
-        launch.pgrpo_job(params, "dpo")
+        launch.worker("pgrpo", params, "dpo")
     monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")  # what accelerate sets from deepspeed_zero3.yaml
     with pytest.raises(config.ConfigError, match="roll out with vLLM"):
-        launch.pgrpo_job(params, "pgrpo")
+        launch.worker("pgrpo", params, "pgrpo")
 
 
 def test_launch_runs_the_entry_point_under_accelerate(tiny_profile, tmp_path):
@@ -482,7 +485,8 @@ def test_launch_runs_the_entry_point_under_accelerate(tiny_profile, tmp_path):
 
 # ---------------------------------------------------------------------------------- GPU bench
 def test_bench_gpu_runs_on_cpu_with_the_dense_mask():
-    from twlib import bench, bench_gpu
+    from twlib import bench
+    from twlib.bench import gpu as bench_gpu
 
     assert "gpu" in bench.BENCHES
     records = list(bench_gpu.bench_sft("tiny", lengths=(256,), steps=1))
@@ -506,7 +510,7 @@ def test_flex_bf16_sft_on_a_32k_row_with_checkpointing(tmp_path):
     checkpointing, in far less memory than the dense mask alone would take (2 GiB in bf16)."""
     from datasets import Dataset
 
-    from twlib.bench_gpu import packed_row
+    from twlib.bench.gpu import packed_row
 
     row, tok = packed_row(32768)
     rows = Dataset.from_dict({"input_ids": [row.input_ids], "position_ids": [row.position_ids],
@@ -557,7 +561,7 @@ def test_vllm_gpu_loads_a_load_pretrained_folder(hub_folder, tmp_path):
 @pytest.mark.gpu
 @CUDA
 def test_bench_gpu_smoke():
-    from twlib import bench_gpu
+    from twlib.bench import gpu as bench_gpu
 
     records = {r["attention"]: r for r in bench_gpu.bench_sft("tiny", lengths=(2048,), steps=2)}
     assert all(r["status"] == "ok" and r["peak_memory_gb"] > 0 and r["tokens_per_s"] > 0 for r in records.values())

@@ -1,5 +1,6 @@
 """Stage-2 self-training: the rollout filter on hand-built trajectories, resumable rollouts, merging, reports."""
 import pytest
+from scripted_engines import END, EOS, TOK, ReplayEngine, ScriptEngine
 
 from twlib import format as fmt
 from twlib import models, self_training, trie
@@ -7,8 +8,6 @@ from twlib.engines import Completion, Sampling, finish_reason
 from twlib.engines.hf import HFEngine
 from twlib.orchestrator import Orchestrator, OrchestratorConfig
 from twlib.tokenizer import prompt_ids, segment_ids
-
-from scripted_engines import END, EOS, TOK, ReplayEngine, ScriptEngine
 
 PARALLEL = ("<think>\nsplit\n<Parallel>\n<Outlines>\n<Outline>1: a</Outline>\n<Outline>2: b</Outline>\n</Outlines>\n"
             "<Thread>\n1: 2+1=3\n</Thread><Thread>\n2: 1+3=4\n</Thread>\n</Parallel>\n3+4=7\n</think>\n\n\\boxed{7}")
@@ -151,7 +150,8 @@ def test_before_after_table_by_hand():
     assert row["accuracy"] == 0.5 and row["format_correct_rate"] == 0.5
     assert row["critical_path_tokens"] == 35 and row["mean_speedup"] == (2.0 + 1.0) / 2
     no_reference = self_training.before_after({"m": recs}, [{}, {}])
-    assert no_reference.loc["m", "accuracy"] == 0.5 and no_reference.loc["m", "mean_speedup"] != no_reference.loc["m", "mean_speedup"]
+    speedup = no_reference.loc["m", "mean_speedup"]
+    assert no_reference.loc["m", "accuracy"] == 0.5 and speedup != speedup  # NaN
 
 
 def test_stage1_examples_take_synthetic_rows_and_what_the_rewriting_accepted(tmp_path):

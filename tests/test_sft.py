@@ -4,8 +4,8 @@ import random
 import pytest
 import torch
 
-from twlib import models, sft, trie
 from twlib import format as fmt
+from twlib import models, sft, trie
 from twlib import tokenizer as tokenizers
 from twlib.tasks import ExpressionParams, make_problem
 

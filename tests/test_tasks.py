@@ -5,8 +5,15 @@ import re
 import pytest
 
 from twlib import format as fmt
-from twlib.tasks import (ExpressionParams, Fork, ProductParams, TaskMix, check_disjoint, generate_splits,
-                         make_problem, split_of)
+from twlib.tasks import (
+    ExpressionParams,
+    ProductParams,
+    TaskMix,
+    check_disjoint,
+    generate_splits,
+    make_problem,
+    split_of,
+)
 from twlib.tasks.expressions import INSTRUCTION, definitions, evaluate_question, group_keys, group_lines, join_lines
 from twlib.tasks.products import add_line, multiplication_lines, times_digit_line
 

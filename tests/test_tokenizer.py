@@ -1,5 +1,5 @@
 """twlib.tokenizer: the character tokenizer, tags on the Qwen vocabulary, segment-wise ids and drift
-(DESIGN §4, tokenisation co-design)."""
+(docs/design.md §4, tokenisation co-design)."""
 from __future__ import annotations
 
 import copy
@@ -10,9 +10,24 @@ import pytest
 from twlib import format as fmt
 from twlib.format import FormatError
 from twlib.tasks import ExpressionParams, ProductParams, make_problem
-from twlib.tokenizer import (CHAT_END, CHAT_START, END_OF_TEXT, UNKNOWN, Drift, add_tags, build_char_tokenizer,
-                             check_tags_atomic, drift, load_tokenizer, prompt_ids, qwen_tokenizer, save_tokenizer,
-                             segment_ids, tag_name, token_counter)
+from twlib.tokenizer import (
+    CHAT_END,
+    CHAT_START,
+    END_OF_TEXT,
+    UNKNOWN,
+    Drift,
+    add_tags,
+    build_char_tokenizer,
+    check_tags_atomic,
+    drift,
+    load_tokenizer,
+    prompt_ids,
+    qwen_tokenizer,
+    save_tokenizer,
+    segment_ids,
+    tag_name,
+    token_counter,
+)
 
 SAMPLE = ("<think>\nab\n<Parallel>\n<Outlines>\n<Outline>1: A</Outline>\n<Outline>2: B</Outline>\n</Outlines>\n"
           "<Thread>\n1: x=1+2\n</Thread><Thread>\n2: y\n</Thread>\n</Parallel>\nso 7\n</think>\n\n\\boxed{7}")
@@ -219,7 +234,7 @@ def test_qwen_drift_on_kit_data(qwen_tagged):
         assert isinstance(d, Drift)
         assert d.segment_tokens == len(seg) and d.whole_tokens == len(whole)
         assert d.drifted == (seg != whole)
-        # DESIGN §4: drift must be zero on all kit data (tags split the text, so BPE merges never cross)
+        # docs/design.md §4: drift must be zero on all kit data (tags split the text, so BPE merges never cross)
         assert not d.drifted
 
 

@@ -1,10 +1,10 @@
-"""Trie packing: one packed forward gives every unit's log-probs (DESIGN §5 acceptance test)."""
+"""Trie packing: one packed forward gives every unit's log-probs (docs/design.md §5 acceptance test)."""
 import random
 
 import pytest
 import torch
 
-from twlib import models, trie
+from twlib import masks, models, trie
 from twlib import tokenizer as tokenizers
 from twlib.tasks import ExpressionParams, ProductParams, make_problem
 
@@ -38,7 +38,7 @@ def test_packed_logprobs_equal_per_unit_logprobs(attn):
         starts.append(len(row))
         row.extend(trie.build_trie(prompt, units))
         all_units.append(units)
-    batch = trie.collate([row], TOK.pad_token_id)
+    batch = masks.collate([row], TOK.pad_token_id)
     with torch.no_grad():
         out = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
                     attention_mask=batch["attention_mask"])

@@ -1,4 +1,4 @@
-"""Trie structure on hand-built trajectories (DESIGN §5): exact flattened arrays for both objectives,
+"""Trie structure on hand-built trajectories (docs/design.md §5): exact flattened arrays for both objectives,
 DFS order of branch copies, dense and flex masks, row packing, and the unit list.
 
 The character tokenizer makes every character one token and every tag one token, so expected
@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from twlib import format as fmt
-from twlib import models, trie
+from twlib import masks, models, trie
 from twlib import tokenizer as tokenizers
 
 TOK = tokenizers.build_char_tokenizer()
@@ -155,7 +155,7 @@ def test_dense_mask_is_ancestor_or_self(dtype):
     row, a, b = _two_tries_row()
     n, L = len(row), len(row) + 7
     assert row.sequence == [0] * len(a) + [1] * len(b) and row.parent.count(-1) == 2
-    mask = trie.dense_mask([row], dtype, L)
+    mask = masks.dense_mask([row], dtype, L)
     assert mask.shape == (1, 1, L, L) and mask.dtype == dtype
     lo = torch.finfo(dtype).min
     assert set(mask.unique().tolist()) == {0.0, lo}
@@ -194,16 +194,16 @@ def test_dense_mask_padded_batch_matches_unpadded(tiny_model, attn):
     short_row = trie.pack_trajectory(PROMPT, _two_blocks(), TOK)
     assert len(short_row) < len(long_row)
     L = len(long_row) + 5
-    logits = _forward(tiny_model, trie.collate([long_row, short_row], TOK.pad_token_id, L))
+    logits = _forward(tiny_model, masks.collate([long_row, short_row], TOK.pad_token_id, L))
     assert logits.shape[:2] == (2, L) and not torch.isnan(logits).any()
-    alone = _forward(tiny_model, trie.collate([short_row], TOK.pad_token_id))[0]
+    alone = _forward(tiny_model, masks.collate([short_row], TOK.pad_token_id))[0]
     assert (logits[1, :len(short_row)] - alone).abs().max().item() <= 1e-5
     # block-diagonal: trie b inside the packed row equals trie b alone, trie a equals a alone
     assert (logits[0, len(a):len(long_row)] - alone).abs().max().item() <= 1e-5
-    a_alone = _forward(tiny_model, trie.collate([a], TOK.pad_token_id))[0]
+    a_alone = _forward(tiny_model, masks.collate([a], TOK.pad_token_id))[0]
     assert (logits[0, :len(a)] - a_alone).abs().max().item() <= 1e-5
     # the check can fail: a plain causal mask over the packed row changes trie b's logits
-    causal = trie.collate([long_row], TOK.pad_token_id)
+    causal = masks.collate([long_row], TOK.pad_token_id)
     n = len(long_row)
     causal_mask = torch.full((1, 1, n, n), torch.finfo(torch.float32).min).triu(1)
     wrong = _forward(tiny_model, causal, causal_mask)[0]
@@ -221,15 +221,15 @@ def test_block_mask_matches_dense_mask_and_forward(tiny_model):
     long_row, a, b = _two_tries_row()
     short_row = trie.pack_trajectory(PROMPT, _two_blocks(), TOK)
     rows, L = [long_row, short_row], len(long_row) + 3
-    bm = trie.block_mask(rows, L)
+    bm = masks.block_mask(rows, L)
     assert tuple(bm.shape[-2:]) == (L, L)
     # element level: the mask_mod on every (b, q, k) equals the dense mask's allowed set
     bi = torch.arange(2).view(2, 1, 1)
     qi, ki = torch.arange(L).view(1, L, 1), torch.arange(L).view(1, 1, L)
     mod = bm.mask_mod(bi, torch.zeros_like(bi), qi, ki)
-    assert torch.equal(mod.expand(2, L, L), trie.dense_mask(rows, torch.float32, L)[:, 0] == 0)
+    assert torch.equal(mod.expand(2, L, L), masks.dense_mask(rows, torch.float32, L)[:, 0] == 0)
 
-    batch = trie.collate(rows, TOK.pad_token_id, L)
+    batch = masks.collate(rows, TOK.pad_token_id, L)
     tiny_model.config._attn_implementation = "sdpa"
     ref = _label_logprobs(_forward(tiny_model, batch), batch["shift_labels"])
     tiny_model.config._attn_implementation = "flex_attention"
@@ -258,7 +258,7 @@ def test_block_mask_bf16_cuda_matches_fp32_dense():
     long_row, a, b = _two_tries_row()
     short_row = trie.pack_trajectory(PROMPT, _two_blocks(), TOK)
     rows, L = [long_row, short_row], len(long_row) + 3
-    batch = trie.collate(rows, TOK.pad_token_id, L)
+    batch = masks.collate(rows, TOK.pad_token_id, L)
     ref = _label_logprobs(_forward(model, batch), batch["shift_labels"])
     causal = torch.full((2, 1, L, L), torch.finfo(torch.float32).min).triu(1)
     assert (_label_logprobs(_forward(model, batch, causal), batch["shift_labels"]) - ref).abs().max() > 0.2
@@ -266,7 +266,7 @@ def test_block_mask_bf16_cuda_matches_fp32_dense():
     gpu.config._attn_implementation = "flex_attention"
     cuda_batch = {k: v.to("cuda") for k, v in batch.items() if k != "attention_mask"}
     cuda_batch["attention_mask"] = None
-    logits = _forward(gpu, cuda_batch, trie.block_mask(rows, L, device="cuda"))
+    logits = _forward(gpu, cuda_batch, masks.block_mask(rows, L, device="cuda"))
     got = _label_logprobs(logits, batch["shift_labels"].to("cuda")).cpu()
     assert not torch.isnan(logits).any()
     assert (got - ref).abs().max().item() <= 5e-2
@@ -310,7 +310,7 @@ def test_pack_rows_first_fit():
             assert all(r.parent[i] == -1 or off <= r.parent[i] < i for i in idx)
     assert sorted(seen) == sorted(sizes)
     # first-fit decreasing, hand-computed: sizes descending, each goes into the first row with room
-    expected, loads = [], []
+    loads = []
     for s in sorted(sizes, reverse=True):
         for k, load in enumerate(loads):
             if load + s <= budget:

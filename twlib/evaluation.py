@@ -1,4 +1,4 @@
-"""Evaluation of the sequential baseline and the parallel model (paper §4, DESIGN §7).
+"""Evaluation of the sequential baseline and the parallel model (paper §4, docs/design.md §7).
 
 Both models run through the same orchestrator on the same engine: the sequential model simply never
 opens a block, so its one call per problem is plain decoding. Problems are decoded one at a time by
@@ -11,21 +11,37 @@ problems: baseline totals (300, 200), parallel critical paths (150, 200) → per
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Callable, Sequence
 
+import pandas as pd
+
+from . import format as fmt
+from .config import EvaluationConfig
+from .engines import Sampling
+from .engines.local import make_engine
 from .grading import grade
+from .models import context_length
+from .orchestrator import Orchestrator, OrchestratorConfig
+from .tokenizer import prompt_ids
 
 # The paper's headline (Qwen3-8B, mean over AIME24, AIME25, AMC23, MATH500, Minerva, OlympiadBench).
 PAPER_HEADLINE = {"seq_accuracy": 0.722, "par_accuracy": 0.719, "seq_latency": 15100, "par_latency": 13200,
                   "mean_speedup": 1.22}
 
 
+def orchestrator(cfg: EvaluationConfig, model_path: str | Path, tokenizer) -> Orchestrator:
+    """Notebook 05's fork-join orchestrator over the saved model, on the engine and with the limits of ``cfg``."""
+    engine = make_engine(cfg.engine, model_path, tokenizer.eos_token_id, cfg.dtype, cfg.tensor_parallel_size)
+    limits = OrchestratorConfig.for_stage(cfg, context_length(model_path),
+                                          Sampling(temperature=cfg.temperature, seed=cfg.seed))
+    return Orchestrator(engine, tokenizer, limits)
+
+
 def evaluate(orchestrator, problems: Sequence[dict], tokenizer, batch_size: int = 1,
              progress: Callable[[int], None] | None = None) -> list[dict]:
     """One record per problem (``problems`` rows need ``question`` and ``answer``; ``family``,
     ``shape`` and ``id`` are carried over when present, and a real-math ``source`` becomes the family)."""
-    from .tokenizer import prompt_ids
-
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     records = []
@@ -55,8 +71,6 @@ def evaluate(orchestrator, problems: Sequence[dict], tokenizer, batch_size: int 
 
 def format_correct(result, tokenizer) -> bool:
     """No orchestrator guard fired and the response passes the strict format check (paper's data filter)."""
-    from . import format as fmt
-
     if any(result.flags.values()):
         return False
     try:
@@ -67,7 +81,7 @@ def format_correct(result, tokenizer) -> bool:
 
 
 def summarize(sequential: Sequence[dict], parallel: Sequence[dict]) -> dict:
-    """DESIGN §7 summary of two record lists over the same problems, in the same order."""
+    """docs/design.md §7 summary of two record lists over the same problems, in the same order."""
     if len(sequential) != len(parallel) or not parallel:
         raise ValueError(f"need the same non-empty problem list for both models, got {len(sequential)} "
                          f"and {len(parallel)} records")
@@ -100,8 +114,6 @@ def summarize(sequential: Sequence[dict], parallel: Sequence[dict]) -> dict:
 
 def paired_frame(sequential: Sequence[dict], parallel: Sequence[dict]):
     """One row per problem with both models' outcome and the per-problem speedup (pandas)."""
-    import pandas as pd
-
     summarize(sequential, parallel)  # same problems, same order
     return pd.DataFrame([{
         "id": p.get("id"), "family": p.get("family", "all"), "shape": p.get("shape", "all"),
@@ -116,8 +128,6 @@ def paired_frame(sequential: Sequence[dict], parallel: Sequence[dict]):
 def paper_table(frame):
     """The paper's results table per family and shape (and overall): accuracy and token latency of both
     models, mean and max speedup (max over problems both answer correctly)."""
-    import pandas as pd
-
     def row(g) -> dict:
         both = g[g.seq_correct & g.par_correct]
         return {"problems": len(g), "seq_accuracy": g.seq_correct.mean(), "par_accuracy": g.par_correct.mean(),
@@ -132,8 +142,6 @@ def paper_table(frame):
 
 def paper_comparison(table):
     """This run's overall row next to the paper's headline numbers (pandas)."""
-    import pandas as pd
-
     ours = table[(table.family == "all") & (table["shape"] == "all")].iloc[0]
     return pd.DataFrame([{"run": "paper: Qwen3-8B, six benchmarks", **PAPER_HEADLINE},
                          {"run": "this run", **{k: float(ours[k]) for k in PAPER_HEADLINE}}]).set_index("run")
@@ -148,8 +156,6 @@ def model_table(records: dict, baseline: str = "sequential"):
     >>> float(model_table({"sequential": base, "parallel": par}).loc["parallel", "mean_speedup"])
     2.0
     """
-    import pandas as pd
-
     base = records[baseline]
     rows = {}
     for name, recs in records.items():

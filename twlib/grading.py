@@ -10,6 +10,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from math_verify import parse, verify
+
 from . import format as fmt
 
 _INTEGER = re.compile(r"-?\d+")
@@ -30,8 +32,6 @@ def grade(response_text: str, gold: str, strip_commas: bool = False) -> Grade:
     >>> [grade("</think>\\n\\\\boxed{1,00}", "100", strip_commas=s).correct for s in (False, True)]
     [False, True]
     """
-    from math_verify import parse, verify
-
     answer = fmt.extract_boxed(response_text)
     if answer is None:
         return Grade(None, False)

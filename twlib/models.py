@@ -16,9 +16,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
 
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
 
-# Head sizes vLLM's CPU attention supports (others load, then fail at the first forward).
-VLLM_CPU_HEAD_DIMS = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
+from . import format as fmt
+from .config import TrieSFTConfig
+from .engines import VLLM_CPU_HEAD_DIMS
+from .files import atomic_dir
+from .tokenizer import CHAT_END, END_OF_TEXT, add_tags, check_tags_atomic, tag_name
 
 
 @dataclass(frozen=True)
@@ -50,9 +55,19 @@ class TinyModelSpec:
                              f"use one of {VLLM_CPU_HEAD_DIMS}")
 
 
-def qwen3_config(tokenizer, spec: TinyModelSpec):
-    from transformers import Qwen3Config
+def model_spec(cfg: TrieSFTConfig) -> TinyModelSpec:
+    """The tiny model of notebook 02's parameters (`twlib.config.TrieSFTConfig`).
 
+    >>> from twlib.config import TrieSFTConfig
+    >>> model_spec(TrieSFTConfig(profile="p", hidden_size=64, num_heads=2)).hidden_size
+    64
+    """
+    return TinyModelSpec(hidden_size=cfg.hidden_size, num_layers=cfg.num_layers, num_heads=cfg.num_heads,
+                         num_kv_heads=cfg.num_kv_heads, intermediate_size=cfg.intermediate_size,
+                         qk_norm_init=cfg.qk_norm_init, rope_theta=cfg.rope_theta)
+
+
+def qwen3_config(tokenizer, spec: TinyModelSpec):
     # vLLM and the embedding matrix want the vocabulary rounded up; extra rows are never produced.
     vocab = ((len(tokenizer) + 15) // 16) * 16
     return Qwen3Config(
@@ -68,9 +83,6 @@ def qwen3_config(tokenizer, spec: TinyModelSpec):
 
 def build_tiny_model(tokenizer, spec: TinyModelSpec = TinyModelSpec(), seed: int = 0):
     """Random-init ``Qwen3ForCausalLM`` sized by ``spec`` for ``tokenizer``; deterministic in ``seed``."""
-    import torch
-    from transformers import Qwen3ForCausalLM
-
     torch.manual_seed(seed)
     model = Qwen3ForCausalLM(qwen3_config(tokenizer, spec))
     with torch.no_grad():
@@ -92,8 +104,6 @@ def save_model(model, tokenizer, path: str | Path, overwrite: bool = False) -> P
     An existing folder is only replaced with ``overwrite=True``; a crash mid-save leaves no
     half-written checkpoint behind.
     """
-    from .runs import atomic_dir
-
     with atomic_dir(path, overwrite=overwrite) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
@@ -101,18 +111,34 @@ def save_model(model, tokenizer, path: str | Path, overwrite: bool = False) -> P
 
 
 def load_model(path: str | Path, dtype: str = "float32", attn_implementation: str = "sdpa"):
-    import torch
-    from transformers import AutoModelForCausalLM
-
     return AutoModelForCausalLM.from_pretrained(str(path), dtype=getattr(torch, dtype),
                                                 attn_implementation=attn_implementation)
 
 
 def context_length(path: str | Path) -> int:
     """The longest sequence a saved model takes (``max_position_embeddings`` of its config)."""
-    from transformers import AutoConfig
-
     return int(AutoConfig.from_pretrained(str(path)).max_position_embeddings)
+
+
+def init_tag_embeddings(model, tokenizer, tags: Sequence[str]) -> None:
+    """Give each new tag's embedding row the mean of its name's rows (untied LM head likewise).
+
+    The matrix only grows (to a multiple of 16) when the tokenizer outgrows it: Qwen3 checkpoints
+    carry spare rows past the tokenizer, which must not be cut off. Example: ``<Parallel>``'s row
+    becomes the mean input embedding of the tokens of ``"Parallel"``.
+    """
+    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=16, mean_resizing=False)
+    emb = model.get_input_embeddings().weight
+    head = model.get_output_embeddings()
+    tied = head is None or head.weight is emb
+    with torch.no_grad():
+        for tag in tags:
+            tag_id = tokenizer.convert_tokens_to_ids(tag)
+            name_ids = tokenizer.encode(tag_name(tag), add_special_tokens=False)
+            emb[tag_id] = emb[name_ids].mean(0)
+            if not tied:
+                head.weight[tag_id] = head.weight[name_ids].mean(0)
 
 
 def add_tags_to_model(model, tokenizer, tags: Sequence[str] | None = None) -> list[str]:
@@ -122,9 +148,6 @@ def add_tags_to_model(model, tokenizer, tags: Sequence[str] | None = None) -> li
     start as the mean embedding of the tag's name, e.g. ``</Thread>`` from ``/Thread``.
     Returns the tags that were added (tags already atomic, like Qwen3's ``<think>``, are kept).
     """
-    from . import format as fmt
-    from .tokenizer import add_tags, init_tag_embeddings
-
     added = add_tags(tokenizer, fmt.TAGS if tags is None else tags)
     init_tag_embeddings(model, tokenizer, added)
     return added
@@ -173,9 +196,6 @@ def qwen3_stand_in(shape: str, max_position_embeddings: int = 40960, seed: int =
     >>> qwen3_stand_in("qwen3-0.6b", device="meta").config.num_hidden_layers
     28
     """
-    import torch
-    from transformers import Qwen3Config, Qwen3ForCausalLM
-
     if shape not in QWEN3_SHAPES:
         raise ValueError(f"unknown shape {shape!r}; known: {', '.join(QWEN3_SHAPES)}")
     torch.manual_seed(seed)
@@ -193,9 +213,6 @@ def qwen3_stand_in(shape: str, max_position_embeddings: int = 40960, seed: int =
 def prepare_tokenizer(tokenizer, tags: Sequence[str] | None = None,
                       chat_template: str | None = QWEN3_CHAT_TEMPLATE) -> list[str]:
     """The tokenizer half of `prepare_pretrained`: template, EOS/padding, atomic tags; returns the tags added."""
-    from . import format as fmt
-    from .tokenizer import CHAT_END, END_OF_TEXT, add_tags, check_tags_atomic
-
     if chat_template is not None:
         tokenizer.chat_template = chat_template
     vocab = tokenizer.get_vocab()
@@ -219,8 +236,6 @@ def prepare_pretrained(model, tokenizer, tags: Sequence[str] | None = None,
     `QWEN3_CHAT_TEMPLATE` unless ``chat_template=None`` keeps the checkpoint's own.
     ``max_position_embeddings`` raises the context (Qwen3 small models ship 40960).
     """
-    from .tokenizer import init_tag_embeddings
-
     added = prepare_tokenizer(tokenizer, tags, chat_template)
     init_tag_embeddings(model, tokenizer, added)
     # One EOS everywhere: the orchestrator, HF generate and vLLM all stop on the same id.
@@ -237,8 +252,6 @@ def pretrained_tokenizer(name_or_path: str | Path, tags: Sequence[str] | None = 
                          local_files_only: bool = False):
     """A hub checkpoint's tokenizer exactly as `load_pretrained` returns it, without the weights
     (notebook 01 tokenises with it; notebook 02 then loads the model with `pretrained_for`)."""
-    from transformers import AutoTokenizer
-
     tokenizer = AutoTokenizer.from_pretrained(str(name_or_path), revision=revision, local_files_only=local_files_only)
     prepare_tokenizer(tokenizer, tags, chat_template)
     return tokenizer
@@ -256,9 +269,6 @@ def load_pretrained(name_or_path: str | Path, dtype: str = "float32", attn_imple
         model, tok = load_pretrained("Qwen/Qwen3-1.7B", dtype="bfloat16")
         tok.convert_tokens_to_ids("<Thread>")   # one new id; <think> keeps Qwen3's own id
     """
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     tokenizer = AutoTokenizer.from_pretrained(str(name_or_path), revision=revision, local_files_only=local_files_only)
     model = AutoModelForCausalLM.from_pretrained(str(name_or_path), dtype=getattr(torch, dtype), revision=revision,
                                                  attn_implementation=attn_implementation,
@@ -273,8 +283,6 @@ def pretrained_for(tokenizer, name_or_path: str | Path, **kwargs):
     model, own = load_pretrained(name_or_path, **kwargs)
     if len(own) != len(tokenizer):
         raise ValueError(f"{name_or_path} gives {len(own)} tokens with the tags, the run's tokenizer {len(tokenizer)}")
-    from . import format as fmt
-
     for tag in fmt.TAGS:
         a, b = own.convert_tokens_to_ids(tag), tokenizer.convert_tokens_to_ids(tag)
         if a != b:

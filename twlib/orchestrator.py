@@ -1,4 +1,4 @@
-"""Fork-join inference on a stock engine (paper §3.1, DESIGN §6), in token ids, for many problems at once.
+"""Fork-join inference on a stock engine (paper §3.1, docs/design.md §6), in token ids, for many problems at once.
 
 Each problem moves through five phases: (1) decode sequentially until ``</Outlines>``, EOS or the
 budget; (2) read the outlines of the block just written; (3) decode one thread per outline, each
@@ -16,6 +16,7 @@ call, ``Result.calls == [CallRecord(kind="sequential", ...)]``, critical path = 
 """
 from __future__ import annotations
 
+import dataclasses
 import re
 import time
 from collections import Counter
@@ -23,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Literal, Sequence
 
 from . import format as fmt
+from .config import OrchestratorLimits
 from .engines import GREEDY, Completion, Engine, Request, Sampling
 from .trie import Unit
 
@@ -44,22 +46,31 @@ FLAGS = (
 )
 
 
-@dataclass(frozen=True)
-class OrchestratorConfig:
-    """Guards of DESIGN §6. Budgets count response tokens, orchestrator-inserted ones included."""
+@dataclass(frozen=True, kw_only=True)
+class OrchestratorConfig(OrchestratorLimits):
+    """Guards of docs/design.md §6 (the limits group, checked once there), the context length and sampling.
+
+    Budgets count response tokens, orchestrator-inserted ones included.
+    """
     max_new_tokens: int = 4096
     max_thread_tokens: int = 1024
     max_context: int = 8192
-    max_threads: int = 8
-    max_blocks: int = 8
     sampling: Sampling = GREEDY
 
-    def __post_init__(self):
-        for name in ("max_new_tokens", "max_thread_tokens", "max_context", "max_threads"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.max_blocks < 0:
-            raise ValueError(f"max_blocks must be >= 0, got {self.max_blocks}")
+    def knob_checks(self):
+        yield from super().knob_checks()
+        yield self.max_context >= 1, "max_context", "must be >= 1"
+
+    @classmethod
+    def for_stage(cls, cfg: OrchestratorLimits, max_context: int, sampling: Sampling = GREEDY) -> "OrchestratorConfig":
+        """The limits a stage config carries (03, 04, 05), for a model of ``max_context`` tokens.
+
+        >>> from twlib.config import EvaluationConfig
+        >>> OrchestratorConfig.for_stage(EvaluationConfig(profile="p"), 512).max_new_tokens
+        2048
+        """
+        limits = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(OrchestratorLimits)}
+        return cls(**limits, max_context=max_context, sampling=sampling)
 
 
 @dataclass(frozen=True)
@@ -76,19 +87,24 @@ class CallRecord:
 
 @dataclass
 class Result:
-    """The outcome for one problem. ``metrics`` follows DESIGN §7 (response tokens only)."""
+    """The outcome for one problem. ``stats`` follows docs/design.md §7 (response tokens only)."""
     prompt_ids: list[int]
     response_ids: list[int]
     text: str
     trajectory: fmt.Trajectory | None
     calls: list[CallRecord]
     flags: Counter
-    metrics: dict
+    stats: fmt.TrajectoryStats
     wall_seconds: float = 0.0     # the whole run's wall time (shared by the problems decoded together)
     engine_seconds: float = 0.0   # time inside the engine batches this problem took part in
     # Every call as ``<context, completion>`` ids, the completion exactly as the model wrote it (before
     # the orchestrator closes a thread): what RL scores (`twlib.trie.build_trie(..., main=...)`).
     units: list[Unit] = field(default_factory=list)
+
+    @property
+    def metrics(self) -> dict:
+        """``stats`` as a dict (what records and logs store), plus the number of engine calls."""
+        return {**self.stats.as_dict(), "engine_calls": len(self.calls)}
 
 
 @dataclass
@@ -290,7 +306,7 @@ class Orchestrator:
         block = s.pending
         for k, n in enumerate(block.numbers):
             header = self.header_ids(n, first=k == 0)
-            # The first header's leading newline belongs to the block, not to thread 1 (DESIGN §7).
+            # The first header's leading newline belongs to the block, not to thread 1 (docs/design.md §7).
             block.header_tokens[n] = len(self.header_ids(n, first=False))
             block.wrapper_tokens += len(header) - block.header_tokens[n]
             s.response += header + block.threads[n]
@@ -308,7 +324,7 @@ class Orchestrator:
             trajectory = fmt.parse_ids(s.response, self.tokenizer, strict=False)
         except fmt.FormatError:
             trajectory = None
-        # Tokens inside blocks (DESIGN §7) need the block extents, which only the parse knows; the
+        # Tokens inside blocks (docs/design.md §7) need the block extents, which only the parse knows; the
         # threads and joins the orchestrator placed are a lower bound when the text does not parse.
         parallel = sum(b.header_tokens[n] + len(b.threads[n]) for b in s.blocks for n in b.numbers)
         if trajectory is not None and trajectory.items and s.blocks:
@@ -319,12 +335,7 @@ class Orchestrator:
         longest = sum(max(b.header_tokens[n] + len(b.threads[n]) for n in b.numbers) for b in s.blocks)
         joins = sum(len(self.join_ids) + b.wrapper_tokens for b in s.blocks)
         total = len(s.response)
-        critical = s.sequential_tokens + longest + joins
-        metrics = {"total_tokens": total, "critical_path_tokens": critical,
-                   "sequential_tokens": total - parallel, "parallel_tokens": parallel,
-                   "num_blocks": len(s.blocks), "threads_per_block": threads_per_block,
-                   "acceleration_ratio": 1 - critical / total if total else 0.0,
-                   "parallel_ratio": parallel / total if total else 0.0, "activated": bool(s.blocks),
-                   "engine_calls": len(s.calls)}
-        return Result(list(s.prompt), list(s.response), text, trajectory, s.calls, s.flags, metrics, wall,
+        stats = fmt.TrajectoryStats(total, s.sequential_tokens + longest + joins, total - parallel, parallel,
+                                    len(s.blocks), tuple(threads_per_block))
+        return Result(list(s.prompt), list(s.response), text, trajectory, s.calls, s.flags, stats, wall,
                       s.engine_seconds, s.units)

@@ -14,8 +14,12 @@ import sys
 import time
 from pathlib import Path
 
-from twlib.config import ConfigError, Profile, load_profile
-from twlib.runs import is_complete, project_root, stage_dir
+import papermill
+from papermill.exceptions import PapermillExecutionError
+
+from .config import ConfigError, Profile, load_profile
+from .files import project_root
+from .runs import is_complete, stage_dir
 
 __all__ = ["main", "run_profile", "stage_status"]
 
@@ -47,8 +51,6 @@ def _check_all(profile: Profile, stages: list[str], root: Path) -> list[str]:
 
 
 def _failure_summary(err: BaseException) -> str:
-    from papermill.exceptions import PapermillExecutionError
-
     if isinstance(err, PapermillExecutionError):
         return f"cell {err.exec_count} raised {err.ename}: {err.evalue}"
     return f"{type(err).__name__}: {err}"
@@ -56,8 +58,6 @@ def _failure_summary(err: BaseException) -> str:
 
 def _run_stage(profile: Profile, stage: str, root: Path, force: bool) -> tuple[bool, str]:
     """Execute one notebook; returns (ok, message)."""
-    import papermill
-
     folder = stage_dir(profile.output_root, profile.name, stage, root)
     folder.parent.mkdir(parents=True, exist_ok=True)
     # The partial notebook lives beside the run folder, not in it: with force=True the notebook

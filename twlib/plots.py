@@ -175,16 +175,15 @@ def model_comparison(table):
     return fig
 
 
-def rollout_fates(records):
-    """Stage-2 rollouts per problem shape, stacked by fate (kept, guard, format, drift, incorrect, duplicate)."""
+def rollout_fates(records, fates):
+    """Stage-2 rollouts per problem shape, stacked by fate in the order of ``fates``
+    (`twlib.self_training.REASONS`: kept, guard, format, drift, incorrect, duplicate)."""
     import pandas as pd
-
-    from .self_training import REASONS
 
     plt, sns = _setup()
     df = pd.DataFrame(records)
     counts = df.groupby(["shape", "reason"]).size().unstack(fill_value=0)
-    counts = counts[[r for r in REASONS if r in counts.columns]]
+    counts = counts[[r for r in fates if r in counts.columns]]
     fig, ax = plt.subplots(figsize=(7, 4))
     counts.plot.bar(stacked=True, ax=ax, color=sns.color_palette("Set2", len(counts.columns)), width=0.75)
     ax.set(xlabel="problem shape", ylabel="rollouts", title="Self-training rollouts and what the filter did")

@@ -1,7 +1,7 @@
-"""Rewards for P-GRPO (paper §3.3, DESIGN §8): correctness plus an acceleration bonus when correct.
+"""Rewards for P-GRPO (paper §3.3, docs/design.md §8): correctness plus an acceleration bonus when correct.
 
 ``r = r_correct + rho * min(acceleration_ratio, clip)`` if the answer is right, else
-``incorrect_reward``. ``acceleration_ratio = 1 - critical_path_tokens / total_tokens`` (DESIGN §7), so
+``incorrect_reward``. ``acceleration_ratio = 1 - critical_path_tokens / total_tokens`` (docs/design.md §7), so
 a sequential answer earns no bonus and the bonus saturates at ``rho * clip`` (0.1 by default).
 
 >>> cfg = RewardConfig()
@@ -15,24 +15,22 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
+from .config import PGRPOConfig, RewardKnobs
 from .grading import grade
 
 
-@dataclass(frozen=True)
-class RewardConfig:
-    """``incorrect_reward`` 0 (the official code used -1); ``acceleration=False`` is the ablation without
-    the bonus; ``strip_commas`` reads ``1,000`` as ``1000``."""
-    rho: float = 0.5
-    clip: float = 0.2
-    incorrect_reward: float = 0.0
+@dataclass(frozen=True, kw_only=True)
+class RewardConfig(RewardKnobs):
+    """The reward knobs (``rho``, ``clip``, ``incorrect_reward``: 0, where the official code used -1) plus
+    ``acceleration=False``, the ablation without the bonus, and ``strip_commas``, which reads ``1,000`` as ``1000``."""
     acceleration: bool = True
     strip_commas: bool = False
 
-    def __post_init__(self):
-        if self.rho < 0:
-            raise ValueError(f"rho must be >= 0, got {self.rho}")
-        if not 0 <= self.clip <= 1:
-            raise ValueError(f"clip must be in [0, 1] (an acceleration ratio), got {self.clip}")
+    @classmethod
+    def for_stage(cls, cfg: PGRPOConfig) -> "RewardConfig":
+        """The reward of notebook 04's parameters (`twlib.config.PGRPOConfig`)."""
+        return cls(rho=cfg.rho, clip=cfg.clip, incorrect_reward=cfg.incorrect_reward,
+                   acceleration=cfg.acceleration_reward)
 
 
 @dataclass(frozen=True)

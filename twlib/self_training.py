@@ -13,12 +13,29 @@ two are the same text → ``{"kept": 3, "guard": 1, "incorrect": 1, "duplicate":
 from __future__ import annotations
 
 import json
+import random
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Sequence
 
+import pandas as pd
+import torch
+
 from . import format as fmt
+from . import launch
+from .config import SelfTrainingConfig, TrieSFTConfig
+from .engines import GREEDY, Sampling
+from .engines.local import make_engine
+from .files import atomic_write_text
 from .grading import grade
+from .models import context_length
+from .orchestrator import Orchestrator, OrchestratorConfig
+from .rewriter.sources import accepted_examples
+from .runs import RunFolder, is_complete
+from .sft import TrainSettings, dataset_examples, fit_rows, starting_model, train_rows
+from .sft import train_settings as sft_train_settings
+from .tokenizer import load_tokenizer, prompt_ids, segment_ids
 
 REASONS = ("kept", "guard", "format", "drift", "incorrect", "duplicate")
 REWRITING_STAGE = "01b_rewriting"
@@ -31,8 +48,6 @@ def verdict(result, gold: str, tokenizer) -> tuple[str, str | None]:
 
     Checks run from cheapest to dearest and the first failure names the rollout's fate.
     """
-    from .tokenizer import segment_ids
-
     if any(result.flags.values()):
         return "guard", None
     try:
@@ -68,11 +83,6 @@ def roll_out(orchestrator, problems: Sequence[dict], tokenizer, samples: int, fo
     uninterrupted one would. The orchestrator's sampling must be stochastic with no per-request seed
     (a fixed seed would make the samples of one prompt identical).
     """
-    import torch
-
-    from .runs import atomic_write_text
-    from .tokenizer import prompt_ids
-
     sampling = orchestrator.config.sampling
     if sampling.greedy or sampling.seed is not None:
         raise ValueError("self-training rollouts need temperature > 0 and no per-request seed; "
@@ -149,64 +159,60 @@ def kept_examples(records: Sequence[dict]) -> list[dict]:
 def merged_examples(kept: Sequence[dict], stage1: Sequence[dict], seed: int = 0) -> list[dict]:
     """Self-generated and stage-1 examples in one shuffled list; a stage-1 example with the same
     (question, text) as a kept rollout is dropped (it would be trained twice)."""
-    import random
-
     have = {(e["question"], e["text"]) for e in kept}
     out = list(kept) + [e for e in stage1 if (e["question"], e["text"]) not in have]
     random.Random(seed).shuffle(out)
     return out
 
 
-def retrain(examples: Sequence[dict], tokenizer, init_model, settings, row_tokens: int, run, name: str = "parallel",
-            spec=None, seed: int = 0, base_model: str = "") -> dict:
-    """Trie SFT on ``examples`` (``{"question", "text"}``), from the saved model ``init_model`` or, when it
-    is None, from a fresh start as the paper does: ``base_model`` (a pretrained Qwen3, tags added) or, without
-    one, a tiny model of ``spec``. ``settings`` are `twlib.sft.TrainSettings` (device, mask kind, ...).
+def orchestrator(cfg: SelfTrainingConfig, model_path: str | Path, tokenizer, greedy: bool = False) -> Orchestrator:
+    """The fork-join orchestrator of notebook 03 over the saved model: sampled rollouts (no per-request seed,
+    so the samples of one prompt differ), or ``greedy`` for the before/after check."""
+    sampling = GREEDY if greedy else Sampling(temperature=cfg.temperature, top_p=cfg.top_p)
+    limits = OrchestratorConfig.for_stage(cfg, context_length(model_path), sampling)
+    return Orchestrator(make_engine(cfg.engine, model_path, tokenizer.eos_token_id), tokenizer, limits)
 
-    Checkpoints go to ``<run>/<name>_checkpoints`` (an interrupted run resumes from the newest), the
-    model to ``<run>/<name>_model``. Returns ``{"log", "model_path", "rows", "trajectories"}``.
-    """
-    from .models import build_tiny_model, load_model, pretrained_for
-    from .sft import make_trainer, rows_dataset, save_trained, train, trajectory_tries
 
+def train_settings(cfg: SelfTrainingConfig, sft_cfg: TrieSFTConfig) -> TrainSettings:
+    """This stage's optimiser and schedule; the scale switches (device, bf16, mask kind, checkpointing,
+    accumulation) are notebook 02's, whose models this stage retrains."""
+    return replace(sft_train_settings(sft_cfg), max_steps=cfg.max_steps, per_device_train_batch_size=cfg.batch_rows,
+                   learning_rate=cfg.learning_rate, warmup_steps=cfg.warmup_steps, logging_steps=cfg.logging_steps,
+                   save_steps=cfg.save_steps, seed=cfg.seed)
+
+
+TRAIN_EXAMPLES = "data/train.jsonl"
+
+
+def retrain_job(cfg: SelfTrainingConfig, name: str, run: RunFolder) -> dict:
+    """Notebook 03's retraining in this process (the notebook kernel, or every process under ``accelerate
+    launch``): trie SFT on the merged examples the notebook wrote to ``<run>/data/train.jsonl``, from the
+    parallel SFT model or, with ``retrain_from: scratch``, from a fresh start as the paper does (notebook 02's
+    base model, or a tiny model of its sizes). The model goes to ``<run>/<name>_model``.
+    Returns ``{"log", "model_path", "parameters", "rows", "trained_tokens", "trajectories"}``."""
+    lines = (run.folder / TRAIN_EXAMPLES).read_text(encoding="utf-8").splitlines()
+    examples = [json.loads(line) for line in lines]
     if not examples:
         raise ValueError("no examples to retrain on: no rollout was kept and no stage-1 data was merged")
-    rows = rows_dataset(trajectory_tries(examples, tokenizer), row_tokens)
-    attn = "flex_attention" if settings.attention == "flex" else "sdpa"
-    if init_model is not None:
-        model = load_model(init_model, attn_implementation=attn)
-    elif base_model:
-        model = pretrained_for(tokenizer, base_model, attn_implementation=attn)
-    else:
-        model = build_tiny_model(tokenizer, spec, seed=seed)
-    trainer = make_trainer(model, tokenizer, rows, run.path(f"{name}_checkpoints"), settings)
-    with run.timer(f"train_{name}"):
-        log = train(trainer)
-    path = save_trained(trainer, tokenizer, run.path(f"{name}_model"))
-    return {"log": log, "model_path": str(path), "rows": len(rows), "trajectories": len(examples)}
+    sft_cfg = run.stage_config("02_trie_sft")
+    sft_model = run.require_complete("02_trie_sft") / "parallel_model"
+    tokenizer = load_tokenizer(sft_model)
+    settings = train_settings(cfg, sft_cfg)
+    model = starting_model(tokenizer, sft_cfg, settings.attention, seed=cfg.seed,
+                           init_model=None if cfg.retrain_from == "scratch" else sft_model)
+    rows = train_rows(examples, tokenizer, cfg.row_tokens)
+    return {**fit_rows(model, tokenizer, rows, settings, run, name), "trajectories": len(examples)}
 
 
-def fit(examples: Sequence[dict], cfg, sft_cfg, tokenizer, sft_model, run) -> dict:
-    """Notebook 03's retraining with notebook 02's model kind and scale: in this process, or, where 02
-    trained under ``accelerate launch``, the same way (`twlib.launch`, job ``retrain``, reading the merged
-    examples from ``<run>/data/train.jsonl``)."""
-    if sft_cfg.accelerate_config:
-        from .launch import accelerate_config, launch
-
-        return launch("retrain", cfg, "parallel", accelerate_config(sft_cfg.accelerate_config), sft_cfg.num_processes)
-    scratch = cfg.retrain_from == "scratch"
-    return retrain(examples, tokenizer, None if scratch else sft_model, cfg.train_settings(sft_cfg), cfg.row_tokens,
-                   run, spec=sft_cfg.model_spec(), seed=cfg.seed, base_model=sft_cfg.base_model)
+def fit(cfg: SelfTrainingConfig, run: RunFolder) -> dict:
+    """`retrain_job` here, or where notebook 02 trained under ``accelerate launch``, the same way."""
+    return launch.run_job("retrain", retrain_job, cfg, "parallel", run, knobs=run.stage_config("02_trie_sft"))
 
 
 def stage1_examples(run, train_ds, n_synthetic: int, use_rewritten: bool, seed: int = 0) -> dict[str, list[dict]]:
     """The stage-1 data the kept rollouts are merged with, by origin: ``n_synthetic`` parallel
     trajectories of the 01 training split (shuffled with ``seed``) and, with ``use_rewritten`` and a
     complete `REWRITING_STAGE` in this profile, every trajectory the LLM rewriting accepted."""
-    from .rewriting import accepted_examples
-    from .runs import is_complete
-    from .sft import dataset_examples
-
     shuffled = train_ds.shuffle(seed=seed)
     out = {"synthetic": dataset_examples(shuffled.select(range(min(n_synthetic, len(shuffled)))), parallel=True)}
     if use_rewritten and is_complete(run.profile_root, REWRITING_STAGE):
@@ -223,8 +229,6 @@ def before_after(checks: dict[str, Sequence[dict]], problems: Sequence[dict]):
     >>> float(before_after({"m": [rec]}, [{"seq_tokens": 80}]).loc["m", "mean_speedup"])
     2.0
     """
-    import pandas as pd
-
     rows = {}
     for name, recs in checks.items():
         if len(recs) != len(problems):

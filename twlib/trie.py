@@ -1,4 +1,4 @@
-"""Trie packing of fork-join trajectories (paper §3.2, with the objective corrected; DESIGN §5).
+"""Trie packing of fork-join trajectories (paper §3.2, with the objective corrected; docs/design.md §5).
 
 A trajectory is the set of ``<context, completion>`` units the orchestrator issues. Their token
 sequences are inserted into a trie rooted at the prompt: the main path is the whole joined
@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Literal, Sequence
 
 from . import format as fmt
+from .tokenizer import segment_ids
 
 Objective = Literal["corrected", "official"]
 IGNORE = -100
@@ -45,8 +46,6 @@ def units(prompt: Sequence[int], traj: fmt.Trajectory, tokenizer) -> list[Unit]:
     Sequential calls see everything before them; thread N of a block sees the context up to the
     block head plus ``\\n<Thread>\\nN:`` (the header every thread request carries at inference).
     """
-    from .tokenizer import segment_ids
-
     seg = segment_ids(traj, tokenizer)
     out: list[Unit] = []
     ids = list(prompt)
@@ -242,89 +241,6 @@ def pack_rows(tries: Sequence[PackedTrie], max_tokens: int) -> list[PackedTrie]:
         rows[k].extend(t)
         room[k] -= n
     return rows
-
-
-# --------------------------------------------------------------------------------------- masks
-def exit_times(rows: Sequence[PackedTrie], length: int | None = None, device: str = "cpu"):
-    """``[B, L]`` long tensor of the rows' exit times, −1 on padding (what the masks are built from)."""
-    import torch
-
-    L = length or max(len(r) for r in rows)
-    exits = torch.full((len(rows), L), -1, dtype=torch.long, device=device)
-    for b, r in enumerate(rows):
-        exits[b, :len(r)] = torch.tensor(r.exit, dtype=torch.long, device=device)
-    return exits
-
-
-def dense_mask(rows: Sequence[PackedTrie], dtype=None, length: int | None = None):
-    """Additive float mask ``[B, 1, L, L]``: 0 where query i may see key j (ancestor-or-self), else
-    ``finfo(dtype).min``. Causality and padding are included (a padding query sees only itself).
-    """
-    return ancestor_mask(exit_times(rows, length), dtype)
-
-
-def ancestor_mask(exits, dtype=None):
-    """`dense_mask` from a ``[B, L]`` tensor of exit times (−1 marks padding, visible only to itself)."""
-    import torch
-
-    dtype = dtype or torch.float32
-    B, L = exits.shape
-    q = torch.arange(L, device=exits.device).view(1, L, 1)
-    k = torch.arange(L, device=exits.device).view(1, 1, L)
-    allowed = (k <= q) & (q <= exits.unsqueeze(1))
-    allowed |= (q == k)  # padding rows attend to themselves: no empty softmax
-    mask = torch.zeros(B, 1, L, L, dtype=dtype, device=exits.device)
-    mask.masked_fill_(~allowed.unsqueeze(1), torch.finfo(dtype).min)
-    return mask
-
-
-def ancestor_block_mask(exits, compile: bool | None = None):
-    """flex-attention ``BlockMask`` of the ancestor rule from ``[B, L]`` exit times, on ``exits.device``.
-
-    Same rule as `ancestor_mask` (padding, exit −1, sees only itself). Mask creation is compiled on
-    CUDA, where it never materialises L×L; on CPU it runs eagerly. Example: exits ``[[1, 1]]`` (a
-    two-token path) allow (0,0), (1,0), (1,1) — a causal mask.
-    """
-    from torch.nn.attention.flex_attention import create_block_mask
-
-    B, L = exits.shape
-
-    def ancestor(b, h, q, k):
-        return ((k <= q) & (q <= exits[b, k])) | (q == k)
-
-    compile = exits.device.type == "cuda" if compile is None else compile
-    return create_block_mask(ancestor, B=B, H=None, Q_LEN=L, KV_LEN=L, device=exits.device, _compile=compile)
-
-
-def block_mask(rows: Sequence[PackedTrie], length: int | None = None, device: str = "cpu"):
-    """flex-attention ``BlockMask`` with the same rule as `dense_mask`, built from exit times (O(L))."""
-    return ancestor_block_mask(exit_times(rows, length, device))
-
-
-def row_tensors(rows: Sequence[PackedTrie], pad_id: int, length: int | None = None) -> dict:
-    """``input_ids``, ``position_ids``, pre-shifted ``shift_labels`` and ``tree_exit`` (``[B, L]``; −1 pads).
-
-    Everything a mask needs in O(L): query i sees key j iff ``j <= i <= tree_exit[j]`` (or i == j).
-    """
-    import torch
-
-    L = length or max(len(r) for r in rows)
-    ids = torch.full((len(rows), L), pad_id, dtype=torch.long)
-    pos = torch.zeros((len(rows), L), dtype=torch.long)
-    labels = torch.full((len(rows), L), IGNORE, dtype=torch.long)
-    for b, r in enumerate(rows):
-        n = len(r)
-        ids[b, :n] = torch.tensor(r.input_ids)
-        pos[b, :n] = torch.tensor(r.position_ids)
-        labels[b, :n] = torch.tensor(r.labels)
-    return {"input_ids": ids, "position_ids": pos, "shift_labels": labels, "tree_exit": exit_times(rows, L)}
-
-
-def collate(rows: Sequence[PackedTrie], pad_id: int, length: int | None = None, dtype=None) -> dict:
-    """Tensors for ``model(**batch)``: ids, tree position ids, dense 4D mask, pre-shifted labels."""
-    batch = row_tensors(rows, pad_id, length)
-    batch["attention_mask"] = ancestor_mask(batch.pop("tree_exit"), dtype)
-    return batch
 
 
 def trie_path(packed: PackedTrie, tokens: Sequence[int], root: int = 0) -> list[int]:

@@ -1,4 +1,4 @@
-"""Inference engines behind the fork-join orchestrator (DESIGN §6).
+"""Inference engines behind the fork-join orchestrator (docs/design.md §6).
 
 An engine turns a batch of token-id requests into completions. The orchestrator submits every
 request that can run at the same time (all threads of all problems in flight) in one call, so an
@@ -15,6 +15,9 @@ from dataclasses import dataclass
 from typing import Literal, Protocol, Sequence
 
 FinishReason = Literal["stop", "eos", "length"]
+
+# Head sizes vLLM's CPU attention supports (a model with another one loads, then fails at the first forward).
+VLLM_CPU_HEAD_DIMS = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
 
 
 @dataclass(frozen=True)
@@ -84,4 +87,5 @@ def finish_reason(ids: Sequence[int], stop_ids: Sequence[int], eos_token_id: int
     return "length"
 
 
-__all__ = ["Sampling", "GREEDY", "Request", "Completion", "Engine", "EngineError", "FinishReason", "finish_reason"]
+__all__ = ["VLLM_CPU_HEAD_DIMS", "Sampling", "GREEDY", "Request", "Completion", "Engine", "EngineError", "FinishReason",
+           "finish_reason"]

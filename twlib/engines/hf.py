@@ -17,6 +17,8 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Sequence
 
+import torch
+
 from . import Completion, Request, finish_reason
 
 
@@ -52,8 +54,6 @@ class HFEngine:
         return out
 
     def _decode(self, requests: list[Request]) -> list[Completion]:
-        import torch
-
         device = next(self.model.parameters()).device
         prompts = [r.prompt for r in requests]
         # Keep at least one token per row out of the shared part: it yields the first logits.
@@ -93,16 +93,12 @@ class HFEngine:
 
     @staticmethod
     def _generator(r: Request, device):
-        import torch
-
         if r.sampling.greedy or r.sampling.seed is None:
             return None
         return torch.Generator(device=device).manual_seed(r.sampling.seed)
 
     @staticmethod
     def _pick(logits, r: Request, generator) -> int:
-        import torch
-
         if r.sampling.greedy:
             return int(logits.argmax())
         probs = torch.softmax(logits / r.sampling.temperature, dim=-1)

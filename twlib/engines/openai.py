@@ -13,6 +13,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Sequence
 
+import httpx
+
 from . import Completion, EngineError, Request, finish_reason
 
 
@@ -25,8 +27,6 @@ def post_with_retries(client, url: str, body: dict, retries: int, backoff_s: flo
     connections, HTTP 429/5xx and `Retry`; other 4xx answers fail at once. After ``retries + 1`` tries
     `EngineError` names the URL and the last cause, e.g. ``...: no completion after 3 tries; last cause: HTTP 500``.
     """
-    import httpx
-
     cause = ""
     for attempt in range(retries + 1):
         if attempt:
@@ -54,8 +54,6 @@ def post_with_retries(client, url: str, body: dict, retries: int, backoff_s: flo
 class OpenAIEngine:
     def __init__(self, base_url: str, model: str, eos_token_id: int, concurrency: int = 8,
                  timeout_s: float = 120.0, retries: int = 3, backoff_s: float = 0.5, api_key: str | None = None):
-        import httpx
-
         if concurrency < 1 or retries < 0 or timeout_s <= 0:
             raise ValueError("need concurrency >= 1, retries >= 0 and timeout_s > 0")
         self.base_url = base_url.rstrip("/")

@@ -19,6 +19,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import httpx
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -48,8 +50,6 @@ class VLLMServer:
                 "--max-model-len", str(max_model_len), "--enable-prefix-caching", "--seed", "0"]
 
     def start(self) -> "VLLMServer":
-        import httpx
-
         args = self.command(self.model_path, self.port, self.model_name, self.max_model_len) + list(self.extra_args)
         fd, log = tempfile.mkstemp(prefix="vllm-serve-", suffix=".log")
         self.log_path = Path(log)

@@ -13,6 +13,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
+import torch
+from vllm import LLM, SamplingParams
+
 from . import Completion, Request, finish_reason
 
 
@@ -24,9 +27,6 @@ class VLLMEngine:
     @classmethod
     def from_pretrained(cls, path: str | Path, eos_token_id: int, **llm_kwargs) -> "VLLMEngine":
         """A `vllm.LLM` for a saved model; ``llm_kwargs`` override the defaults (fp32, eager, prefix caching)."""
-        import torch
-        from vllm import LLM
-
         settings = {"dtype": "float32", "enforce_eager": True, "enable_prefix_caching": True, "seed": 0}
         if not torch.cuda.is_available():
             # On CPU this is the share of host memory vLLM reserves (92% by default: more than a shared
@@ -35,8 +35,6 @@ class VLLMEngine:
         return cls(LLM(model=str(path), **(settings | llm_kwargs)), eos_token_id)
 
     def generate(self, requests: Sequence[Request]) -> list[Completion]:
-        from vllm import SamplingParams
-
         out: list[Completion] = [Completion((), "length")] * len(requests)
         todo = [i for i, r in enumerate(requests) if r.max_new_tokens >= 1]
         if not todo:

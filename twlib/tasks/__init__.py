@@ -1,4 +1,4 @@
-"""Synthetic task families and their datasets (DESIGN §9).
+"""Synthetic task families and their datasets (docs/design.md §9).
 
 Every family turns an RNG into a `Problem` whose `Plan` renders both CoTs. Splits are assigned by
 a hash of the question, so the same question can never land in two splits, whatever the seed.
@@ -14,7 +14,7 @@ import dataclasses
 import hashlib
 import random
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Callable
 
 from .expressions import ExpressionParams, make_expression_problem
 from .plan import Fork, Group, Plan
@@ -59,6 +59,35 @@ class TaskMix:
     def sample(self, rng: random.Random) -> Problem:
         family = rng.choices(self.families, weights=self.weights)[0]
         return make_problem(family, rng, self.params[family])
+
+
+def task_mix(cfg) -> TaskMix:
+    """The task mix of notebook 01's parameters (`twlib.config.TrajectoriesConfig`).
+
+    >>> from twlib.config import TrajectoriesConfig
+    >>> task_mix(TrajectoriesConfig(profile="p")).families
+    ['expressions', 'products']
+    """
+    params = {
+        "expressions": ExpressionParams(
+            balanced_fraction=cfg.expr_balanced_fraction, groups_min=cfg.expr_groups_min,
+            groups_max=cfg.expr_groups_max, repeats_min=cfg.expr_repeats_min,
+            repeats_max=cfg.expr_repeats_max, chain_repeats_min=cfg.expr_chain_repeats_min,
+            chain_repeats_max=cfg.expr_chain_repeats_max),
+        "products": ProductParams(factors_min=cfg.prod_factors_min, factors_max=cfg.prod_factors_max,
+                                  factor_min=cfg.prod_factor_min, factor_max=cfg.prod_factor_max),
+    }
+    return TaskMix(list(cfg.families), list(cfg.family_weights), params)
+
+
+def short_task_mix(cfg) -> TaskMix:
+    """Notebook 01's extra short training problems: 1..``short_repeats_max`` additions per sub-expression and
+    ``expr_groups_min``..``short_groups_max`` sub-expressions."""
+    n = cfg.short_repeats_max
+    return TaskMix(["expressions"], [1.0], {"expressions": ExpressionParams(
+        balanced_fraction=cfg.expr_balanced_fraction, groups_min=cfg.expr_groups_min,
+        groups_max=cfg.short_groups_max, repeats_min=1, repeats_max=n, chain_repeats_min=1,
+        chain_repeats_max=n)})
 
 
 def generate_splits(mix: TaskMix, sizes: dict[str, int], seed: int,
@@ -158,6 +187,6 @@ def check_disjoint(questions_by_split: dict[str, list[str]]) -> None:
             owner[q] = split
 
 
-__all__ = ["ExpressionParams", "ProductParams", "Problem", "Plan", "Fork", "Group", "TaskMix",
+__all__ = ["ExpressionParams", "ProductParams", "Problem", "Plan", "Fork", "Group", "TaskMix", "task_mix", "short_task_mix",
            "FAMILIES", "SPLITS", "make_problem", "generate_splits", "short_training_problems", "coarsen_threads", "split_of",
            "check_disjoint"]

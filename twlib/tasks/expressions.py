@@ -1,7 +1,8 @@
 """Arithmetic expression trees in last-digit arithmetic (paper §4's synthetic analogue).
 
 A question is a one-line instruction (as real prompts carry one) followed by one line per
-sub-expression ``s + d·n`` (mod 10), in random order. A sub-expression is worked out by repeated addition, one line per addition, counting ``n`` down.
+sub-expression ``s + d·n`` (mod 10), in random order. A sub-expression is worked out by repeated addition, one line
+per addition, counting ``n`` down.
 
 Shapes: ``balanced`` — k ≥ 2 independent sub-expressions, each evaluated in its own thread, then
 summed; ``chain`` — k sub-expressions where each starts from the previous one's value (``dA`` reads

@@ -192,6 +192,34 @@ def _missing(value: Any) -> bool:
     return value is None or (isinstance(value, str) and not value.strip())
 
 
+def _schema_rows(source: MathSource, raw, where: str, drop_empty: bool) -> dict[str, list[str]]:
+    """`SCHEMA` columns of a loaded split; an empty question or answer raises or, with ``drop_empty``, is
+    left out with a warning."""
+    questions, answers = raw[source.question], raw[source.answer]
+    contexts = raw[source.context] if source.context in raw.column_names else [None] * len(raw)
+    rows: dict[str, list[str]] = {c: [] for c in SCHEMA}
+    dropped: list[int] = []
+    for i, (q, a, ctx) in enumerate(zip(questions, answers, contexts)):
+        gold = normalize_answer(a)
+        bad = source.question if _missing(q) else source.answer if not gold else None
+        if bad is not None:
+            if not drop_empty:
+                raise MathDataError(f"{source.name}: row {i} of {where} has an empty {bad!r}; "
+                                    "fix the data or pass drop_empty=True to leave such rows out")
+            dropped.append(i)
+            continue
+        question = str(q).strip()
+        if not _missing(ctx):
+            question = f"{str(ctx).strip()}\n{question}"
+        for column, value in zip(SCHEMA, (f"{source.name}-{i}", question, gold, source.name)):
+            rows[column].append(value)
+    if dropped:
+        shown = ", ".join(map(str, dropped[:10])) + (", ..." if len(dropped) > 10 else "")
+        warnings.warn(f"{source.name}: dropped {len(dropped)} of {len(raw)} rows with an empty question or "
+                      f"answer (rows {shown})", stacklevel=3)
+    return rows
+
+
 def load_math(name: str, path: str | Path | None = None, limit: int | None = None, *, split: str | None = None,
               drop_empty: bool = False, cache_dir: str | None = None, revision: str | None = None):
     """One math dataset as a ``datasets.Dataset`` with the columns ``id``, ``question``, ``answer``, ``source``.
@@ -200,7 +228,8 @@ def load_math(name: str, path: str | Path | None = None, limit: int | None = Non
     `HubLoadError`, naming the hub id and the ``path`` argument, when the hub cannot be reached. With
     ``path`` (a parquet/jsonl/json/csv file, a ``save_to_disk`` folder or a hub snapshot folder) it
     reads that copy with the same column mapping. ``split`` overrides the registry's split for hub
-    loads, snapshot and ``save_to_disk`` folders (a single file is one split). ``limit`` keeps the first rows of the split; ids are
+    loads, snapshot and ``save_to_disk`` folders (a single file is one split). ``limit`` keeps the first rows of the
+    split; ids are
     ``<source>-<row index in the split>``, so they do not depend on ``limit``. A row whose question or
     answer is empty raises `MathDataError` naming the dataset, row and column; with ``drop_empty=True``
     such rows are left out and a warning gives their count and indices.
@@ -229,28 +258,7 @@ def load_math(name: str, path: str | Path | None = None, limit: int | None = Non
     if limit is not None:
         raw = raw.select(range(min(limit, len(raw))))
 
-    questions, answers = raw[source.question], raw[source.answer]
-    contexts = raw[source.context] if source.context in raw.column_names else [None] * len(raw)
-    rows: dict[str, list[str]] = {c: [] for c in SCHEMA}
-    dropped: list[int] = []
-    for i, (q, a, ctx) in enumerate(zip(questions, answers, contexts)):
-        gold = normalize_answer(a)
-        bad = source.question if _missing(q) else source.answer if not gold else None
-        if bad is not None:
-            if not drop_empty:
-                raise MathDataError(f"{source.name}: row {i} of {where} has an empty {bad!r}; "
-                                    "fix the data or pass drop_empty=True to leave such rows out")
-            dropped.append(i)
-            continue
-        question = str(q).strip()
-        if not _missing(ctx):
-            question = f"{str(ctx).strip()}\n{question}"
-        for column, value in zip(SCHEMA, (f"{source.name}-{i}", question, gold, source.name)):
-            rows[column].append(value)
-    if dropped:
-        shown = ", ".join(map(str, dropped[:10])) + (", ..." if len(dropped) > 10 else "")
-        warnings.warn(f"{source.name}: dropped {len(dropped)} of {len(raw)} rows with an empty question or "
-                      f"answer (rows {shown})", stacklevel=2)
+    rows = _schema_rows(source, raw, where, drop_empty)
     features = datasets.Features({c: datasets.Value("string") for c in SCHEMA})
     return datasets.Dataset.from_dict(rows, features=features)
 
@@ -337,6 +345,37 @@ def _split_rows(ds, split: str, suffix: str):
     return datasets.Dataset.from_dict({c: columns[c] for c in SPLIT_COLUMNS}, features=features)
 
 
+def _check_sources(train: str, benchmarks: Iterable[str], n_train: int, n_validation: int,
+                   n_test: int) -> tuple[str, list[str]]:
+    """The registry names of the training set and the benchmarks, checked to be disjoint, with the sizes."""
+    train_name = resolve_name(train)
+    names = [resolve_name(n) for n in benchmarks]
+    if not names:
+        raise MathDataError("build_math_dataset needs at least one benchmark")
+    if len(set(names)) != len(names):
+        raise MathDataError(f"a benchmark is listed twice: {names}")
+    if train_name in names:
+        raise MathDataError(f"{train_name!r} is both the training set and a benchmark; train and test would overlap")
+    for arg, value, low in (("n_train", n_train, 0), ("n_validation", n_validation, 1), ("n_test", n_test, 0)):
+        if value < low:
+            raise MathDataError(f"{arg} must be >= {low}, got {value}")
+    return train_name, names
+
+
+def _hold_out(pool, name: str, n_validation: int, n_train: int, seed: int) -> tuple[list[int], list[int]]:
+    """Row indices of the validation split (the first ``n_validation`` of a ``seed`` permutation) and of the
+    train split (the rest, less repeats of a validation question, capped at ``n_train``; 0: all)."""
+    import numpy as np
+
+    order = [int(i) for i in np.random.default_rng(seed).permutation(len(pool))]
+    questions = list(pool["question"])
+    held = {questions[i] for i in order[:n_validation]}
+    rest = [i for i in order[n_validation:] if questions[i] not in held]
+    if not rest:
+        raise MathDataError(f"every {name} prompt outside the validation split repeats a validation question")
+    return order[:n_validation], rest[:n_train] if n_train else rest
+
+
 def build_math_dataset(train: str = TRAINING, benchmarks: Iterable[str] = BENCHMARKS, *,
                        data_dir: str | Path | None = None, n_train: int = 0, n_validation: int = 200,
                        n_test: int = 0, seed: int = 0, drop_empty: bool = False, cache_dir: str | None = None,
@@ -362,19 +401,8 @@ def build_math_dataset(train: str = TRAINING, benchmarks: Iterable[str] = BENCHM
     ({'train': 3, 'validation': 2, 'test': 1}, '2+3? ')
     """
     import datasets
-    import numpy as np
 
-    train_name = resolve_name(train)
-    names = [resolve_name(n) for n in benchmarks]
-    if not names:
-        raise MathDataError("build_math_dataset needs at least one benchmark")
-    if len(set(names)) != len(names):
-        raise MathDataError(f"a benchmark is listed twice: {names}")
-    if train_name in names:
-        raise MathDataError(f"{train_name!r} is both the training set and a benchmark; train and test would overlap")
-    for arg, value, low in (("n_train", n_train, 0), ("n_validation", n_validation, 1), ("n_test", n_test, 0)):
-        if value < low:
-            raise MathDataError(f"{arg} must be >= {low}, got {value}")
+    train_name, names = _check_sources(train, benchmarks, n_train, n_validation, n_test)
 
     def where(name: str) -> Path | None:
         return local_path(data_dir, name) if data_dir else None
@@ -383,21 +411,23 @@ def build_math_dataset(train: str = TRAINING, benchmarks: Iterable[str] = BENCHM
     if n_validation >= len(pool):
         raise MathDataError(f"{train_name} has {len(pool)} prompts; holding out n_validation={n_validation} "
                             "of them leaves none for training")
-    order = [int(i) for i in np.random.default_rng(seed).permutation(len(pool))]
-    questions = list(pool["question"])
-    held = {questions[i] for i in order[:n_validation]}
-    rest = [i for i in order[n_validation:] if questions[i] not in held]
-    if not rest:
-        raise MathDataError(f"every {train_name} prompt outside the validation split repeats a validation question")
-    if n_train:
-        rest = rest[:n_train]
+    validation, rest = _hold_out(pool, train_name, n_validation, n_train, seed)
     test = load_benchmarks({n: where(n) for n in names} if data_dir else None, n_test or None, names,
                            drop_empty=drop_empty, cache_dir=cache_dir)
     return datasets.DatasetDict({
         "train": _split_rows(pool.select(rest), "train", suffix),
-        "validation": _split_rows(pool.select(order[:n_validation]), "validation", suffix),
+        "validation": _split_rows(pool.select(validation), "validation", suffix),
         "test": _split_rows(test, "test", suffix),
     })
+
+
+def math_dataset(cfg, root: str | Path = ".", cache_dir: str | None = None):
+    """The real-math splits of notebook 01's parameters (`twlib.config.TrajectoriesConfig`, ``source: math``);
+    a relative ``math_data_dir`` is read from ``root``, e.g. ``tests/fixtures/math`` under the project root."""
+    data_dir = Path(root) / cfg.math_data_dir if cfg.math_data_dir else None
+    return build_math_dataset(cfg.math_train, cfg.math_benchmarks, data_dir=data_dir, n_train=cfg.n_train,
+                              n_validation=cfg.math_validation, n_test=cfg.n_test, seed=cfg.seed,
+                              drop_empty=cfg.math_drop_empty, cache_dir=cache_dir)
 
 
 def math_statistics(dsd) -> dict:
@@ -418,4 +448,4 @@ def math_statistics(dsd) -> dict:
 
 __all__ = ["INSTRUCTION_SUFFIX", "SCHEMA", "SPLIT_COLUMNS", "REGISTRY", "TRAINING", "BENCHMARKS", "MathSource",
            "MathDataError", "HubLoadError", "resolve_name", "normalize_answer", "load_math", "load_benchmarks",
-           "prompt_rows", "local_path", "build_math_dataset", "math_statistics"]
+           "prompt_rows", "local_path", "build_math_dataset", "math_dataset", "math_statistics"]

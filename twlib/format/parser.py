@@ -1,189 +1,38 @@
-"""The fork-join trajectory format (paper §3.1): tags, parsing, validation, rendering, statistics.
+"""Parsing response text or token ids into a `twlib.format.tree.Trajectory` (docs/design.md §4).
 
-A trajectory is the assistant response: ``<think>`` reasoning with any number of ``<Parallel>``
-blocks, then ``</think>`` and the final answer in the last ``\\boxed{}``. Worked example::
+Strict mode raises `FormatError` naming what is wrong and where (character and token offset); lenient
+mode never raises and lists what it tolerated in ``Trajectory.issues``.
 
-    <think>
-    <Parallel>
-    <Outlines>
-    <Outline>1: A</Outline>
-    <Outline>2: B</Outline>
-    </Outlines>
-    <Thread>
-    1: A=1+2
-    =3
-    </Thread><Thread>
-    2: B=4
-    </Thread>
-    </Parallel>
-    A+B
-    =3+4
-    =7
-    </think>
-
-    \\boxed{7}
-
-This module is the one source of the tag strings. Everything here is pure Python; token ids come
-from any tokenizer that encodes each tag as one id.
+>>> parse("<think>\\nx\\n</think>\\n\\n\\\\boxed{1}").answer
+'1'
 """
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
-from typing import Callable, Iterable, Literal, Sequence
+from dataclasses import dataclass
+from typing import Callable, Sequence
 
-PARALLEL_OPEN, PARALLEL_CLOSE = "<Parallel>", "</Parallel>"
-OUTLINES_OPEN, OUTLINES_CLOSE = "<Outlines>", "</Outlines>"
-OUTLINE_OPEN, OUTLINE_CLOSE = "<Outline>", "</Outline>"
-THREAD_OPEN, THREAD_CLOSE = "<Thread>", "</Thread>"
-THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
-STRUCTURE_TAGS = (PARALLEL_OPEN, PARALLEL_CLOSE, OUTLINES_OPEN, OUTLINES_CLOSE,
-                  OUTLINE_OPEN, OUTLINE_CLOSE, THREAD_OPEN, THREAD_CLOSE)
-TAGS = STRUCTURE_TAGS + (THINK_OPEN, THINK_CLOSE)
-BOXED = "\\boxed{"
-# The join the orchestrator appends after the last thread (DESIGN §6, phase 4).
-JOIN = "\n"
+from .tags import (
+    OUTLINE_CLOSE,
+    OUTLINE_OPEN,
+    OUTLINES_CLOSE,
+    OUTLINES_OPEN,
+    PARALLEL_CLOSE,
+    PARALLEL_OPEN,
+    STRUCTURE_TAGS,
+    TAG_RE,
+    TAGS,
+    THINK_CLOSE,
+    THINK_OPEN,
+    THREAD_CLOSE,
+    THREAD_OPEN,
+    FormatError,
+)
+from .tree import _CANON, Block, Outline, Text, Thread, Trajectory, extract_boxed
 
-_TAG_RE = re.compile("|".join(re.escape(t) for t in sorted(TAGS, key=len, reverse=True)))
 _NUMBER_RE = re.compile(r"(\d+):")
-# Canonical whitespace around block parts; index names are used by `Block.spacing`.
-_CANON = {"after_parallel": "\n", "after_outlines_open": "\n", "after_outline": "\n",
-          "after_outlines_close": "\n", "between_threads": "", "after_threads": "\n"}
 
 
-def thread_header(number: int, first: bool) -> str:
-    """Text the orchestrator writes before thread ``number`` (the model writes the rest).
-
-    >>> thread_header(1, first=True), thread_header(2, first=False)
-    ('\\n<Thread>\\n1:', '<Thread>\\n2:')
-    """
-    return ("\n" if first else "") + f"{THREAD_OPEN}\n{number}:"
-
-
-class FormatError(ValueError):
-    """A malformed trajectory; names the problem and where (character and/or token offset)."""
-
-    def __init__(self, problem: str, char_offset: int | None = None, token_offset: int | None = None):
-        self.problem, self.char_offset, self.token_offset = problem, char_offset, token_offset
-        where = []
-        if char_offset is not None:
-            where.append(f"character {char_offset}")
-        if token_offset is not None:
-            where.append(f"token {token_offset}")
-        super().__init__(problem + (f" (at {', '.join(where)})" if where else ""))
-
-
-# ----------------------------------------------------------------------------------------- tree
-@dataclass(frozen=True)
-class Text:
-    """Sequential text outside blocks (tags that lost their meaning in lenient mode included)."""
-    text: str
-    n_tokens: int | None = field(default=None, compare=False)
-
-    def render(self) -> str:
-        return self.text
-
-
-@dataclass(frozen=True)
-class Outline:
-    number: int
-    body: str  # text after "N:", e.g. " A"
-
-    def render(self) -> str:
-        return f"{OUTLINE_OPEN}{self.number}:{self.body}{OUTLINE_CLOSE}"
-
-
-@dataclass(frozen=True)
-class Thread:
-    number: int
-    body: str  # text after the header "<Thread>\nN:" up to "</Thread>", e.g. " A=1+2\n=3\n"
-    n_tokens: int | None = field(default=None, compare=False)  # "<Thread>" .. "</Thread>" inclusive
-
-    def render(self) -> str:
-        return f"{THREAD_OPEN}\n{self.number}:{self.body}{THREAD_CLOSE}"
-
-
-@dataclass(frozen=True)
-class Block:
-    """One fork-join block: outlines 1..K, then threads 1..K, joined."""
-    outlines: tuple[Outline, ...]
-    threads: tuple[Thread, ...]
-    # Whitespace at structural positions when it differs from the canonical layout (lenient parses).
-    spacing: tuple[tuple[str, str], ...] = ()
-    n_tokens: int | None = field(default=None, compare=False)  # "<Parallel>" .. "</Parallel>"
-
-    @classmethod
-    def from_plan(cls, outlines: Sequence[str], threads: Sequence[str]) -> "Block":
-        """Canonical block from outline texts and thread texts (numbers and spaces added).
-
-        >>> Block.from_plan(["A"], ["A=1"]).threads[0].body
-        ' A=1\\n'
-        """
-        return cls(tuple(Outline(i + 1, " " + o) for i, o in enumerate(outlines)),
-                   tuple(Thread(i + 1, " " + t.rstrip("\n") + "\n") for i, t in enumerate(threads)))
-
-    def gap(self, name: str) -> str:
-        return dict(self.spacing).get(name, _CANON[name])
-
-    @property
-    def canonical(self) -> bool:
-        return all(v == _CANON[k] for k, v in self.spacing)
-
-    def head(self) -> str:
-        """``<Parallel>`` .. ``</Outlines>``: what the sequential call before the fork generates."""
-        outl = "".join(o.render() + self.gap("after_outline") for o in self.outlines)
-        return (PARALLEL_OPEN + self.gap("after_parallel") + OUTLINES_OPEN
-                + self.gap("after_outlines_open") + outl + OUTLINES_CLOSE)
-
-    def render(self) -> str:
-        threads = self.gap("between_threads").join(t.render() for t in self.threads)
-        return (self.head() + self.gap("after_outlines_close") + threads
-                + self.gap("after_threads") + PARALLEL_CLOSE)
-
-
-@dataclass(frozen=True)
-class Trajectory:
-    """A parsed response. ``issues`` lists what lenient parsing tolerated (empty when strict)."""
-    items: tuple[Text | Block, ...]
-    eos: bool = False  # a trailing EOS id was present (parse_ids); it counts as one response token
-    issues: tuple[str, ...] = field(default=(), compare=False)
-
-    def render(self) -> str:
-        return "".join(i.render() for i in self.items)
-
-    @property
-    def blocks(self) -> list[Block]:
-        return [i for i in self.items if isinstance(i, Block)]
-
-    @property
-    def answer(self) -> str | None:
-        """Content of the last ``\\boxed{}`` after ``</think>`` (braces matched), else None."""
-        return extract_boxed(self.render())
-
-
-def extract_boxed(text: str) -> str | None:
-    """Last brace-matched ``\\boxed{...}`` after the last ``</think>``.
-
-    >>> extract_boxed("<think>\\n\\\\boxed{1}</think>\\n\\n\\\\boxed{12}")
-    '12'
-    """
-    cut = text.rfind(THINK_CLOSE)
-    if cut < 0:
-        return None
-    tail = text[cut + len(THINK_CLOSE):]
-    start = tail.rfind(BOXED)
-    while start >= 0:
-        depth, i = 1, start + len(BOXED)
-        while i < len(tail) and depth:
-            depth += {"{": 1, "}": -1}.get(tail[i], 0)
-            i += 1
-        if depth == 0:
-            return tail[start + len(BOXED): i - 1]
-        start = tail.rfind(BOXED, 0, start)
-    return None
-
-
-# --------------------------------------------------------------------------------------- pieces
 @dataclass(frozen=True)
 class Piece:
     """A tag or a run of text, with its offsets and token count (None if unknown)."""
@@ -197,7 +46,7 @@ class Piece:
 def text_pieces(text: str, count: Callable[[str], int] | None = None) -> list[Piece]:
     """Split text at tags. ``count`` gives the token count of a text run (tags count 1)."""
     pieces, pos, tok = [], 0, 0 if count else None
-    for m in _TAG_RE.finditer(text):
+    for m in TAG_RE.finditer(text):
         if m.start() > pos:
             n = count(text[pos:m.start()]) if count else None
             pieces.append(Piece(text[pos:m.start()], False, pos, tok, n))
@@ -365,7 +214,7 @@ class _Parser:
             outlines.append(Outline(num, rest))
             g = self.gap("after_outline")
             if g != "\n":
-                spacing[f"after_outline"] = g
+                spacing["after_outline"] = g
         if not outlines:
             self.fail("a <Parallel> block has no <Outline>")
         self.expect_tag(OUTLINES_CLOSE, "after the outlines")
@@ -515,113 +364,3 @@ def tag_id_map(tokenizer) -> dict[int, str]:
                               "twlib.tokenizer.add_tags")
         out[ids[0]] = tag
     return out
-
-
-# ------------------------------------------------------------------------------------- segments
-Source = Literal["model", "orchestrator"]
-
-
-@dataclass(frozen=True)
-class Segment:
-    """One piece the orchestrator concatenates at inference: model output or an inserted string."""
-    text: str
-    source: Source
-    kind: Literal["sequential", "header", "thread", "join"]
-    block: int | None = None   # 0-based block index
-    thread: int | None = None  # 1-based thread number
-
-
-def segments(traj: Trajectory) -> list[Segment]:
-    """Cut a canonical trajectory into the orchestrator's pieces (DESIGN §4, §6).
-
-    Sequential calls run up to and including ``</Outlines>``; each thread is header
-    (orchestrator) + body ending in ``</Thread>`` (model); the join ``\\n`` is the orchestrator's;
-    ``</Parallel>`` opens the next sequential call.
-
-    >>> [s.kind for s in segments(parse(Trajectory((Text("<think>\\n"), Block.from_plan(["a"], ["x"]),
-    ...     Text("\\n</think>\\n\\n\\\\boxed{1}"))).render()))]
-    ['sequential', 'header', 'thread', 'join', 'sequential']
-    """
-    out: list[Segment] = []
-    pending, b = "", -1
-    for item in traj.items:
-        if isinstance(item, Text):
-            pending += item.text
-            continue
-        b += 1
-        if not item.canonical:
-            raise FormatError(f"block {b} is not in canonical layout; segments need canonical whitespace")
-        out.append(Segment(pending + item.head(), "model", "sequential"))
-        for t in item.threads:
-            out.append(Segment(thread_header(t.number, t.number == 1), "orchestrator", "header", b, t.number))
-            out.append(Segment(t.body + THREAD_CLOSE, "model", "thread", b, t.number))
-        out.append(Segment(JOIN, "orchestrator", "join", b))
-        pending = PARALLEL_CLOSE
-    out.append(Segment(pending, "model", "sequential"))
-    return out
-
-
-def render_segments(segs: Iterable[Segment]) -> str:
-    return "".join(s.text for s in segs)
-
-
-# ----------------------------------------------------------------------------------- statistics
-@dataclass(frozen=True)
-class TrajectoryStats:
-    """Response-token statistics (DESIGN §7; the prompt is never counted).
-
-    ``critical_path_tokens`` = tokens outside blocks + Σ_blocks (block tokens outside threads +
-    longest thread). A thread's own ``<Thread>``..``</Thread>`` tokens count in that thread: they are
-    decoded (or prefilled) concurrently with it.
-    """
-    total_tokens: int
-    critical_path_tokens: int
-    sequential_tokens: int
-    parallel_tokens: int
-    num_blocks: int
-    threads_per_block: tuple[int, ...]
-
-    @property
-    def acceleration_ratio(self) -> float:
-        return 1.0 - self.critical_path_tokens / self.total_tokens if self.total_tokens else 0.0
-
-    @property
-    def parallel_ratio(self) -> float:
-        return self.parallel_tokens / self.total_tokens if self.total_tokens else 0.0
-
-    @property
-    def activated(self) -> bool:
-        return self.num_blocks > 0
-
-    def as_dict(self) -> dict:
-        return {"total_tokens": self.total_tokens, "critical_path_tokens": self.critical_path_tokens,
-                "sequential_tokens": self.sequential_tokens, "parallel_tokens": self.parallel_tokens,
-                "num_blocks": self.num_blocks, "threads_per_block": list(self.threads_per_block),
-                "acceleration_ratio": self.acceleration_ratio, "parallel_ratio": self.parallel_ratio,
-                "activated": self.activated}
-
-
-def statistics(traj: Trajectory) -> TrajectoryStats:
-    """Statistics from the token counts stored at parse time (`parse_ids`, or `parse(count=...)`).
-
-    >>> s = statistics(parse("<think>\\n</think>\\n\\n\\\\boxed{1}", count=len))
-    >>> s.total_tokens, s.critical_path_tokens  # tags count 1, other text 1 per character here
-    (14, 14)
-    """
-    total = critical = parallel = 0
-    threads_per_block = []
-    for item in traj.items:
-        if item.n_tokens is None or (isinstance(item, Block) and any(t.n_tokens is None for t in item.threads)):
-            raise FormatError("token counts are unknown: parse with parse_ids(...) or parse(..., count=...)")
-        total += item.n_tokens
-        if isinstance(item, Text):
-            critical += item.n_tokens
-        else:
-            lengths = [t.n_tokens for t in item.threads]
-            critical += item.n_tokens - sum(lengths) + max(lengths)
-            parallel += item.n_tokens
-            threads_per_block.append(len(item.threads))
-    total += traj.eos
-    critical += traj.eos
-    return TrajectoryStats(total, critical, total - parallel, parallel, len(threads_per_block),
-                           tuple(threads_per_block))

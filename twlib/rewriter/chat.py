@@ -1,4 +1,4 @@
-"""Text LLMs for stage-1 trajectory rewriting (DESIGN §9), and the disk cache in front of them.
+"""Text LLMs for stage-1 trajectory rewriting (docs/design.md §9), and the disk cache in front of them.
 
 Stage 1 asks an LLM questions in plain chat messages and reads text answers. Anything with
 ``chat(messages, max_tokens, temperature) -> str`` and a ``model_id`` string will do:
@@ -25,7 +25,7 @@ it, so a rerun or a run resumed after a crash sends no request twice::
     (['hell', 'hell'], 1, 1)
 
 `Question` and `ask_all` ask many questions at once and send a malformed answer back with its
-problem named (`Malformed`), a bounded number of times; prompts are ``twlib/prompts/*.md``.
+problem named (`Malformed`), a bounded number of times; prompts are ``twlib/rewriter/prompts/*.md``.
 """
 from __future__ import annotations
 
@@ -40,7 +40,12 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Callable, Protocol, Sequence
 
-from .runs import atomic_write_json
+import httpx
+from tqdm.auto import tqdm
+
+from ..engines import EngineError, Request, Sampling
+from ..engines.openai import post_with_retries
+from ..files import atomic_write_json
 
 Messages = list[dict]
 OnReply = Callable[[int, str], None]
@@ -96,8 +101,6 @@ class EngineChat:
         self.model_id = model_id + extras
 
     def _request(self, messages: Messages, max_tokens: int, temperature: float):
-        from .engines import Request, Sampling
-
         text = self.tokenizer.apply_chat_template(check_messages(messages), tokenize=False, add_generation_prompt=True)
         ids = self.tokenizer.encode(text, add_special_tokens=False)
         return Request(tuple(ids), int(max_tokens), (), Sampling(float(temperature), self.top_p, self.seed))
@@ -130,8 +133,6 @@ class HTTPChat:
     def __init__(self, base_url: str, model: str, api_key: str | None = None, concurrency: int = 4,
                  timeout_s: float = 300.0, retries: int = 3, backoff_s: float = 1.0,
                  extra_body: dict | None = None, max_tokens_field: str = "max_tokens"):
-        import httpx
-
         if not base_url or not model:
             raise ValueError("HTTPChat needs a base_url and a model name")
         if concurrency < 1 or retries < 0 or timeout_s <= 0:
@@ -149,9 +150,6 @@ class HTTPChat:
         self.client.close()
 
     def chat(self, messages: Messages, max_tokens: int, temperature: float) -> str:
-        from .engines import EngineError
-        from .engines.openai import post_with_retries
-
         body = {"model": self.model, "messages": check_messages(messages), self.max_tokens_field: int(max_tokens),
                 "temperature": float(temperature)} | self.extra_body
 
@@ -288,12 +286,12 @@ _PLACEHOLDER = re.compile(r"\{\{(\w+)\}\}")
 
 
 def prompt(name: str, **values) -> str:
-    """``twlib/prompts/<name>.md`` with its ``{{key}}`` placeholders filled.
+    """``twlib/rewriter/prompts/<name>.md`` with its ``{{key}}`` placeholders filled.
 
     >>> prompt("retry", problem="steps/gap: line 3 belongs to no step").splitlines()[0]
     'That answer cannot be used: steps/gap: line 3 belongs to no step'
     """
-    text = resources.files("twlib").joinpath("prompts", f"{name}.md").read_text(encoding="utf-8")
+    text = resources.files("twlib.rewriter").joinpath("prompts", f"{name}.md").read_text(encoding="utf-8")
     if missing := sorted(set(_PLACEHOLDER.findall(text)) - set(values)):
         raise KeyError(f"prompt {name} needs values for {missing}")
     # One pass: a value that itself contains "{{...}}" (a question, a thread) is left as it is.
@@ -307,7 +305,7 @@ def json_list(reply: str, key: str, step: str) -> list:
     [1]
     >>> json_list("sure! here", "steps", "steps")
     Traceback (most recent call last):
-    twlib.llm.Malformed: steps/bad_json: the answer is not a JSON object: 'sure! here'
+    twlib.rewriter.chat.Malformed: steps/bad_json: the answer is not a JSON object: 'sure! here'
     """
     text = reply.rsplit("</think>", 1)[-1].strip()
     text = re.sub(r"^```[a-zA-Z]*\n?|\n?```$", "", text).strip()
@@ -345,8 +343,6 @@ def ask_all(llm, questions: Sequence[Question], max_retries: int, max_tokens: in
             desc: str = "", progress: bool = True) -> Counter:
     """Answer every question, asking the malformed ones again (all pending ones in one batch per
     round) up to ``max_retries`` times; returns the count of malformed answers per reason."""
-    from tqdm.auto import tqdm
-
     malformed: Counter = Counter()
     pending = list(questions)
     with tqdm(total=0, desc=desc, disable=not progress or not questions) as bar:

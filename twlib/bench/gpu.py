@@ -16,21 +16,34 @@ backward), which is what the CPU tests exercise on a tiny shape.
 """
 from __future__ import annotations
 
+import gc
 import random
 import tempfile
 import time
 from typing import Iterator, Sequence
+
+import torch
+from datasets import Dataset
+from transformers import Qwen3Config, Qwen3ForCausalLM
+
+from .. import trie
+from ..config import Profile
+from ..dataset import load_parquet
+from ..engines import Request
+from ..engines.hf import HFEngine
+from ..evaluation import evaluate, summarize
+from ..models import QWEN3_VOCAB, load_model, qwen3_stand_in
+from ..orchestrator import Orchestrator
+from ..sft import TrainSettings, make_trainer, trajectory_tries
+from ..tasks import ProductParams, make_problem
+from ..tokenizer import build_char_tokenizer, load_tokenizer
+from .common import StepClock, outputs
 
 TINY_SHAPE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
                   num_key_value_heads=1, head_dim=32, tie_word_embeddings=True)
 
 
 def _model(shape: str, max_len: int, device: str, dtype: str, seed: int):
-    import torch
-    from transformers import Qwen3Config, Qwen3ForCausalLM
-
-    from .models import QWEN3_VOCAB, qwen3_stand_in
-
     if shape != "tiny":
         return qwen3_stand_in(shape, max_position_embeddings=max_len, seed=seed, dtype=dtype, device=device)
     torch.manual_seed(seed)
@@ -43,10 +56,6 @@ def packed_row(length: int, seed: int = 0):
 
     Character-tokenizer ids (all below Qwen3's vocabulary size), so any Qwen3-shaped model reads them.
     """
-    from . import trie
-    from .sft import trajectory_tries
-    from .tasks import ProductParams, make_problem
-    from .tokenizer import build_char_tokenizer
 
     tok = build_char_tokenizer()
     rng = random.Random(seed)
@@ -73,33 +82,10 @@ def packed_row(length: int, seed: int = 0):
     return row, tok
 
 
-def step_clock(cuda: bool = False):
-    """A trainer callback that appends each optimiser step's seconds to its ``times`` list (CUDA synchronised)."""
-    import torch
-    from transformers import TrainerCallback
-
-    class StepClock(TrainerCallback):
-        def __init__(self):
-            self.times: list[float] = []
-
-        def on_step_begin(self, args, state, control, **kwargs):
-            if cuda:
-                torch.cuda.synchronize()
-            self.t0 = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kwargs):
-            if cuda:
-                torch.cuda.synchronize()
-            self.times.append(time.perf_counter() - self.t0)
-
-    return StepClock()
 
 
 def _sft_step(shape: str, length: int, attention: str, device: str, steps: int, seed: int) -> dict:
     """``steps`` + 1 real trainer steps (AdamW included) on one row; the first one (compiling) is not timed."""
-    import torch
-    from datasets import Dataset
-    from .sft import TrainSettings, make_trainer
 
     cuda = device == "cuda"
     row, tok = packed_row(length, seed)
@@ -110,7 +96,7 @@ def _sft_step(shape: str, length: int, attention: str, device: str, steps: int, 
     rows = Dataset.from_dict({"input_ids": [row.input_ids], "position_ids": [row.position_ids],
                               "exit": [row.exit], "labels": [row.labels]})
     record = {"row_tokens": len(row), "trained_tokens": sum(1 for lab in row.labels if lab != -100)}
-    clock = step_clock(cuda)
+    clock = StepClock(cuda)
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     with tempfile.TemporaryDirectory() as out:
@@ -136,9 +122,6 @@ def _sft_step(shape: str, length: int, attention: str, device: str, steps: int, 
 def bench_sft(shape: str = "qwen3-0.6b", lengths: Sequence[int] = (8192, 32768),
               attentions: Sequence[str] = ("flex", "dense"), steps: int = 3, seed: int = 0) -> Iterator[dict]:
     """One record per (length, attention) of trie-SFT steps; see the module docstring."""
-    import gc
-
-    import torch
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     for length in lengths:
@@ -158,10 +141,6 @@ def bench_sft(shape: str = "qwen3-0.6b", lengths: Sequence[int] = (8192, 32768),
 def bench_decode(shape: str = "qwen3-0.6b", prefix: int = 1024, tokens: int = 1024,
                  threads: Sequence[int] = (2, 4, 8), seed: int = 0, repeats: int = 2) -> Iterator[dict]:
     """Sequential decoding of ``tokens`` tokens vs K threads of ``tokens // K`` after a shared prefix."""
-    import torch
-
-    from .engines import Request
-    from .engines.hf import HFEngine
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = _model(shape, prefix + tokens + 16, device, "bfloat16" if device == "cuda" else "float32", seed)
@@ -198,18 +177,9 @@ def bench_decode(shape: str = "qwen3-0.6b", prefix: int = 1024, tokens: int = 10
 
 
 def bench_orchestrator_gpu(profile, n_problems: int = 50) -> Iterator[dict]:
-    """DESIGN §7 summary of the profile's two SFT models with the HF engine on the GPU (if both exist)."""
-    import torch
+    """docs/design.md §7 summary of the profile's two SFT models with the HF engine on the GPU (if both exist)."""
 
-    from .bench import config_root
-    from .data import load_parquet
-    from .engines.hf import HFEngine
-    from .evaluation import evaluate, summarize
-    from .models import load_model
-    from .orchestrator import Orchestrator
-    from .tokenizer import load_tokenizer
-
-    root = config_root(profile)
+    root = outputs(profile)
     paths = {kind: root / "02_trie_sft" / f"{kind}_model" for kind in ("sequential", "parallel")}
     if not all(p.is_dir() for p in paths.values()) or not torch.cuda.is_available():
         return
@@ -229,7 +199,7 @@ def bench_orchestrator_gpu(profile, n_problems: int = 50) -> Iterator[dict]:
            **{k: round(v, 4) if isinstance(v, float) else v for k, v in summary.items()}}
 
 
-def bench_gpu(profile) -> Iterator[dict]:
+def run(profile: Profile) -> Iterator[dict]:
     """Everything above with the defaults: Qwen3-0.6B shape, 8k and 32k rows, 1k-token decoding."""
     seed = profile.stage_config("02_trie_sft").seed if "02_trie_sft" in profile.stages else 0
     yield from bench_sft(seed=seed)
@@ -238,6 +208,4 @@ def bench_gpu(profile) -> Iterator[dict]:
 
 
 def _device_name(device: str) -> str:
-    import torch
-
     return torch.cuda.get_device_name() if device == "cuda" else "cpu"

@@ -5,18 +5,30 @@ import random
 from pathlib import Path
 
 import pytest
-
-from twlib import format as fmt
-from twlib.datagen import (Stage1Settings, Trace, as_traces, block_ranges, finish, parse_edits, parse_groups,
-                           parse_outlines, parse_steps, render, run_stage1, splice, split_response)
-from twlib.engines import EngineError
-from twlib.llm import CachedChat, EngineChat, HTTPChat, Malformed, cache_key, json_list, prompt
-from twlib.tasks import ExpressionParams, make_problem
-
 from scripted_engines import END, TOK, ScriptEngine
 from test_engines_openai import stand_in  # noqa: F401  (a fixture)
 
-FIXTURES = Path(__file__).parent / "fixtures" / "datagen"
+from twlib import format as fmt
+from twlib.engines import EngineError
+from twlib.rewriter import (
+    Stage1Settings,
+    Trace,
+    as_traces,
+    block_ranges,
+    finish,
+    parse_edits,
+    parse_groups,
+    parse_outlines,
+    parse_steps,
+    render,
+    run_stage1,
+    splice,
+    split_response,
+)
+from twlib.rewriter.chat import CachedChat, EngineChat, HTTPChat, Malformed, cache_key, json_list, prompt
+from twlib.tasks import ExpressionParams, make_problem
+
+FIXTURES = Path(__file__).parent / "fixtures" / "rewriter"
 TRACE = json.loads((FIXTURES / "trace.json").read_text())
 # Small enough for the short synthetic threads (35, 27 and 35 characters); the paper uses 200.
 SETTINGS = Stage1Settings(min_diversity=20, max_retries=2)

@@ -1,6 +1,6 @@
 """Notebook 01b's edges: which LLM rewrites, and where the sequential traces come from (paper §3.2 stage 1).
 
-The rewriting itself is `twlib.datagen.run_stage1`; this module turns a `RewritingConfig` into its
+The rewriting itself is `twlib.rewriter.run_stage1`; this module turns a `RewritingConfig` into its
 inputs. A model named by a relative path is looked up in the profile's output folder first (so
 ``02_trie_sft/sequential_model`` means this profile's sequential SFT model), then under the project
 root; anything else is handed to ``from_pretrained`` as is (a hub id).
@@ -10,8 +10,19 @@ root; anything else is handed to ``from_pretrained`` as is (a hub id).
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Callable, Sequence
+
+import torch
+from transformers import AutoTokenizer
+
+from ..config import STAGE_CONFIGS, RewritingConfig
+from ..engines import Request
+from ..engines.local import make_engine
+from ..grading import grade
+from ..tokenizer import prompt_ids
+from .chat import EngineChat, HTTPChat
 
 
 def model_id(engine: str, model: str) -> str:
@@ -27,41 +38,22 @@ def resolve_model(run, model: str) -> str:
             return str(candidate)
     if Path(model).is_absolute():
         raise FileNotFoundError(f"model folder {model} does not exist")
-    if model.split("/")[0] in _stage_names():
+    if model.split("/")[0] in STAGE_CONFIGS:
         raise FileNotFoundError(f"{model} names an earlier stage's model, but {Path(run.profile_root) / model} does "
                                 "not exist; run that stage first")
     return model
 
 
-def _stage_names() -> set[str]:
-    from .config import STAGE_CONFIGS
-
-    return set(STAGE_CONFIGS)
-
-
 def _local_engine(kind: str, path: str):
     """(engine, tokenizer) for a local model folder or hub id, on the HF or offline vLLM engine."""
-    from transformers import AutoTokenizer
-
     tokenizer = AutoTokenizer.from_pretrained(path)
-    if kind == "vllm":
-        import torch
-
-        from .engines.vllm import VLLMEngine
-
-        extra = {"dtype": "bfloat16"} if torch.cuda.is_available() else {}
-        return VLLMEngine.from_pretrained(path, tokenizer.eos_token_id, **extra), tokenizer
-    from .engines.hf import HFEngine
-    from .models import load_model
-
-    return HFEngine(load_model(path), tokenizer.eos_token_id), tokenizer
+    dtype = "bfloat16" if kind == "vllm" and torch.cuda.is_available() else "float32"
+    return make_engine(kind, path, tokenizer.eos_token_id, dtype=dtype), tokenizer
 
 
-def make_llm(cfg, run):
-    """The chat model of ``cfg`` (`twlib.llm.ChatLLM`): a local model through the HF or vLLM engine, or
+def make_llm(cfg: RewritingConfig, run):
+    """The chat model of ``cfg`` (`twlib.rewriter.chat.ChatLLM`): a local model through the HF or vLLM engine, or
     an OpenAI-compatible ``/v1/chat/completions`` endpoint (URL and key from the params file)."""
-    from .llm import EngineChat, HTTPChat
-
     if cfg.llm_engine == "endpoint":
         return HTTPChat(cfg.llm_base_url, cfg.llm_model, api_key=cfg.llm_api_key or None,
                         max_tokens_field=cfg.llm_max_tokens_field)
@@ -74,10 +66,6 @@ def generate_traces(engine, tokenizer, problems: Sequence[dict], max_new_tokens:
     """Sequential traces written by a model (plain decoding, greedy, in one engine batch), the correct
     ones only, as ``{"id", "question", "answer", "response"}`` — the paper's step 0 keeps correct answers
     only. A stock checkpoint works as is: plain decoding needs no format tags."""
-    from .engines import Request
-    from .grading import grade
-    from .tokenizer import prompt_ids
-
     requests = [Request(tuple(prompt_ids(tokenizer, p["question"])), max_new_tokens) for p in problems]
     completions = engine.generate(requests)
     if progress:
@@ -93,7 +81,7 @@ def generate_traces(engine, tokenizer, problems: Sequence[dict], max_new_tokens:
     return out
 
 
-def traces(cfg, run, train_ds, progress: Callable[[int], None] | None = None) -> list[dict]:
+def traces(cfg: RewritingConfig, run, train_ds, progress: Callable[[int], None] | None = None) -> list[dict]:
     """The first ``n_traces`` training problems' sequential traces: the dataset's own sequential CoT
     (``traces_from: dataset``) or ones ``trace_model`` writes (``traces_from: model``, correct ones kept)."""
     ds = train_ds.select(range(min(cfg.n_traces, len(train_ds))))
@@ -110,8 +98,6 @@ def traces(cfg, run, train_ds, progress: Callable[[int], None] | None = None) ->
 def accepted_rows(path: str | Path) -> list[dict]:
     """The rows of a 01b run's ``accepted.jsonl`` (``question``, ``answer``, ``completion``,
     ``sequential_completion``, statistics)."""
-    import json
-
     return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines()]
 
 

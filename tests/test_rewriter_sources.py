@@ -3,10 +3,11 @@ import json
 import types
 
 import pytest
-
-from twlib import config, rewriting
-
 from scripted_engines import END, TOK, ScriptEngine
+
+from twlib import config
+from twlib.rewriter import Stage1Settings
+from twlib.rewriter import sources as rewriting
 
 
 def _run(tmp_path):
@@ -18,7 +19,8 @@ def _run(tmp_path):
 
 def test_models_resolve_to_profile_outputs_then_project_then_hub(tmp_path):
     run = _run(tmp_path)
-    assert rewriting.resolve_model(run, "02_trie_sft/sequential_model") == str(run.profile_root / "02_trie_sft" / "sequential_model")
+    assert (rewriting.resolve_model(run, "02_trie_sft/sequential_model")
+            == str(run.profile_root / "02_trie_sft" / "sequential_model"))
     assert rewriting.resolve_model(run, "models/mine") == str(tmp_path / "models" / "mine")
     assert rewriting.resolve_model(run, "Qwen/Qwen3-8B") == "Qwen/Qwen3-8B"
     with pytest.raises(FileNotFoundError, match="run that stage first"):
@@ -79,6 +81,6 @@ def test_endpoint_settings_reach_the_http_client(tmp_path):
                                             "llm_base_url": "http://127.0.0.1:9", "llm_api_key": "k"})
     llm = rewriting.make_llm(cfg, _run(tmp_path))
     try:
-        assert llm.model_id.startswith("big") and cfg.settings().min_diversity == 200
+        assert llm.model_id.startswith("big") and Stage1Settings.for_stage(cfg).min_diversity == 200
     finally:
         llm.close()

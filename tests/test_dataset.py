@@ -4,9 +4,9 @@ import random
 import pandas as pd
 import pytest
 
-from twlib import data
+from twlib import dataset
 from twlib import format as fmt
-from twlib.tasks import ExpressionParams, Fork, Group, Plan, ProductParams, Problem, make_problem
+from twlib.tasks import ExpressionParams, Fork, Group, Plan, Problem, ProductParams, make_problem
 from twlib.tokenizer import build_char_tokenizer, prompt_ids
 
 TOK = build_char_tokenizer()
@@ -18,7 +18,7 @@ def _hand_problem() -> Problem:
 
 
 def test_row_statistics_hand_computed():
-    row = data.problem_row(_hand_problem(), TOK, "test", 3)
+    row = dataset.problem_row(_hand_problem(), TOK, "test", 3)
     # sequential: "<think>\n" (2) + "A=1+2\n=3\nB=4\nA+B\n=3+4\n=7\n" (6+3+4+4+5+3=25) + "</think>\n\n\\boxed{7}" (6) + EOS (1)
     assert row["seq_tokens"] == 2 + 25 + 6 + 1
     # parallel: "<think>\n" 2 | block: <Parallel>\n<Outlines>\n 4, "<Outline>1: A</Outline>\n" 7 x2,
@@ -42,7 +42,7 @@ def test_rows_match_id_level_statistics():
     for family, params in [("expressions", ExpressionParams()), ("products", ProductParams())]:
         for i in range(25):
             p = make_problem(family, rng, params)
-            row = data.problem_row(p, TOK, "train", i)
+            row = dataset.problem_row(p, TOK, "train", i)
             ids = segment_ids(p.plan.parallel_trajectory(), TOK).ids
             stats = fmt.statistics(fmt.parse_ids(ids, TOK))
             assert (stats.total_tokens, stats.critical_path_tokens) == (row["par_total_tokens"],
@@ -53,38 +53,38 @@ def test_row_rejects_wrong_gold():
     p = _hand_problem()
     bad = Problem(p.question, "8", p.family, p.shape, p.plan)
     with pytest.raises(fmt.FormatError, match="gold is '8'"):
-        data.problem_row(bad, TOK, "train", 0)
+        dataset.problem_row(bad, TOK, "train", 0)
 
 
 def test_parquet_round_trip(tmp_path):
     rng = random.Random(1)
     problems = {s: [make_problem("expressions", rng, ExpressionParams()) for _ in range(4)]
                 for s in ("train", "validation", "test")}
-    dsd = data.build_dataset_dict(problems, TOK)
-    paths = data.save_parquet(dsd, tmp_path / "d")
+    dsd = dataset.build_dataset_dict(problems, TOK)
+    paths = dataset.save_parquet(dsd, tmp_path / "d")
     assert not list((tmp_path / "d").glob(".*partial"))
-    back = data.load_parquet(tmp_path / "d")
+    back = dataset.load_parquet(tmp_path / "d")
     for split in dsd:
         assert back[split].to_list() == dsd[split].to_list()
         assert paths[split].endswith(f"{split}.parquet")
     with pytest.raises(FileNotFoundError, match="run notebooks/01_trajectories.ipynb first"):
-        data.load_parquet(tmp_path / "missing")
+        dataset.load_parquet(tmp_path / "missing")
 
 
 def test_statistics_table_and_summary():
     rng = random.Random(2)
-    rows = [data.problem_row(make_problem("expressions", rng, ExpressionParams()), TOK, "test", i)
+    rows = [dataset.problem_row(make_problem("expressions", rng, ExpressionParams()), TOK, "test", i)
             for i in range(40)]
     df = pd.DataFrame(rows)
-    table = data.statistics_table(df)
+    table = dataset.statistics_table(df)
     for (family, shape), r in table.iterrows():
         sub = df[(df.family == family) & (df["shape"] == shape)]
         assert r.examples == len(sub)
         assert r.ideal_speedup == pytest.approx(sub.ideal_speedup.mean(), abs=1e-3)
         assert r.activation == (1.0 if shape == "balanced" else 0.0)
-    summary = data.summary_metrics(df, table)
+    summary = dataset.summary_metrics(df, table)
     assert summary["examples"] == {"test": 40}
     assert summary["drifted_rows"] == 0
     assert summary["ideal_speedup_mean"] == pytest.approx(df.ideal_speedup.mean())
-    shown = data.examples(df.to_dict("records"), per_shape=1)
+    shown = dataset.examples(df.to_dict("records"), per_shape=1)
     assert sorted((r["family"], r["shape"]) for r in shown) == sorted(table.index)
