@@ -1,6 +1,7 @@
 """Notebook hygiene, parameter agreement (cell ↔ YAML ↔ config), and papermill smoke runs."""
 import ast
 import json
+import re
 from pathlib import Path
 
 import nbformat
@@ -11,7 +12,7 @@ from twlib import config, dataset, pipeline, sft
 from twlib import format as fmt
 
 ROOT = Path(__file__).resolve().parents[1]
-NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]*_*.ipynb"))
 PROFILES = sorted((ROOT / "params").glob("*.yaml"))
 COMMON = {"profile", "output_root", "force"}
 
@@ -53,25 +54,46 @@ def test_notebook_committed_clean_and_thin(path):
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_kernelspec_is_what_the_kernel_reports(path):
+    """JupyterLab rewrites a kernelspec that differs from the kernel's own, marking a merely opened notebook
+    modified (and autosave then writes it)."""
+    from jupyter_client.kernelspec import KernelSpecManager
+
+    spec = KernelSpecManager().get_kernel_spec("python3")
+    nb = nbformat.read(path, as_version=4)
+    assert nb.metadata["kernelspec"] == {"display_name": spec.display_name, "language": spec.language,
+                                         "name": "python3"}
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
 def test_parameters_agree_with_config_and_profiles(path):
+    """The cell names every knob (None: from the profile), documents it with the cpu-demo value, and resolves to
+    exactly the profile's values; every profile's section lists every knob."""
     stage = path.stem
     cls = config.STAGE_CONFIGS[stage]
     defaults = _cell_defaults(path)
-    assert list(defaults) == cls.names(), "parameters cell and config fields differ (names or order)"
+    knobs = [n for n in cls.names() if n not in COMMON]
+    assert list(defaults) == ["profile", "params_file", "output_root", "force", *knobs], "cell and config differ"
+    assert (defaults["profile"], defaults["params_file"], defaults["force"]) == ("cpu-demo", "", False)
+    assert all(defaults[n] is None for n in ["output_root", *knobs]), "knobs must default to None (the profile's)"
     import papermill
     documented = papermill.inspect_notebook(str(path))  # what `papermill --help-notebook` shows
-    assert list(documented) == cls.names(), "papermill cannot parse every parameter line"
+    assert list(documented) == list(defaults), "papermill cannot parse every parameter line"
     assert all(p["help"] for p in documented.values())
-    reference = cls.from_dict(defaults)  # the cell's defaults are a valid config...
-    for f in cls.names():  # ...and equal the config's own defaults (profile aside, which is required)
-        if f != "profile":
-            assert getattr(reference, f) == getattr(cls.from_dict({"profile": "x"}), f), f
+    demo = yaml.safe_load((ROOT / "params" / "cpu-demo.yaml").read_text())
+    for name in knobs:
+        shown = re.search(r"\(cpu-demo: (.*)\)$", documented[name]["help"])
+        assert shown, f"{name}: the help text does not give the cpu-demo value"
+        assert ast.literal_eval(shown.group(1).replace("true", "True")) == demo[stage][name], name
     for params in PROFILES:
         profile = config.load_profile(params)
         if stage in profile.stages:
             section = yaml.safe_load(params.read_text())[stage]
-            assert set(section) == set(cls.names()) - COMMON, f"{params.name}: {stage} keys differ from the cell"
-            profile.stage_config(stage)
+            assert set(section) == set(knobs), f"{params.name}: {stage} keys differ from the cell"
+            ns = dict(defaults, profile=profile.name, params_file=str(params))
+            resolved = cls.from_namespace(ns)
+            assert resolved == profile.stage_config(stage)
+            assert set(resolved.sources.values()) == {"profile"} | ({"override"} if "force" in ns else set())
 
 
 def test_every_profile_validates():
@@ -91,18 +113,6 @@ def test_bad_parameter_is_named():
         config.TrajectoriesConfig.from_dict({"profile": "x", "families": ["sudoku"], "family_weights": [1.0]})
     with pytest.raises(config.ConfigError, match="'expr_groups_min'"):
         config.TrajectoriesConfig.from_dict({"profile": "x", "expr_groups_min": 1})
-
-
-@pytest.fixture(scope="module")
-def smoke_outputs(tmp_path_factory):
-    """Run the smoke profile's notebooks through the real pipeline into a temporary output root."""
-    out = tmp_path_factory.mktemp("outputs")
-    params = tmp_path_factory.mktemp("params") / "smoke.yaml"
-    spec = yaml.safe_load((ROOT / "params" / "smoke.yaml").read_text())
-    spec["output_root"] = str(out)
-    params.write_text(yaml.safe_dump(spec))
-    assert pipeline.main([str(params)]) == 0
-    return out / "smoke", spec
 
 
 @pytest.mark.notebooks

@@ -27,7 +27,8 @@ run = RunFolder.open(cfg)
 m = int((run.require_complete("01_demo") / "n.txt").read_text())
 run.finish({"n_times_2": 2 * m})"""
 
-PARAMS = 'profile: str = "x"\noutput_root: str = "outputs"\nforce: bool = False\nseed: int = 0'
+PARAMS = ('profile: str = "x"\nparams_file: str = ""\noutput_root: str = None\nforce: bool = False\n'
+          'seed: int = None')
 
 
 def notebook(params: str, *cells: str) -> nbformat.NotebookNode:
@@ -43,7 +44,7 @@ def project(tmp_path, monkeypatch):
     """A fake repo: pyproject.toml, two notebooks, params/demo.yaml; cwd is elsewhere on purpose."""
     (tmp_path / "pyproject.toml").write_text("[project]\nname = 'x'\n")
     (tmp_path / "notebooks").mkdir()
-    nbformat.write(notebook(PARAMS + "\nn: int = 1", SETUP, STAGE1), tmp_path / "notebooks" / "01_demo.ipynb")
+    nbformat.write(notebook(PARAMS + "\nn: int = None", SETUP, STAGE1), tmp_path / "notebooks" / "01_demo.ipynb")
     nbformat.write(notebook(PARAMS, SETUP, STAGE2), tmp_path / "notebooks" / "02_demo.ipynb")
     (tmp_path / "params").mkdir()
     set_n(tmp_path, 7)
@@ -55,7 +56,7 @@ def project(tmp_path, monkeypatch):
 
 def set_n(root: Path, n) -> Path:
     path = root / "params" / "demo.yaml"
-    path.write_text(f"profile: demo\nstages: [01_demo, 02_demo]\n01_demo:\n  n: {n}\n")
+    path.write_text(f"profile: demo\nstages: [01_demo, 02_demo]\n01_demo:\n  n: {n}\n02_demo: {{}}\n")
     return path
 
 
@@ -72,7 +73,10 @@ def test_runs_skips_and_forces(project, capsys):
     assert metrics(project, "02_demo")["metrics"] == {"n_times_2": 14}
     executed = nbformat.read(out / "01_demo" / "01_demo.ipynb", as_version=4)
     injected = [c for c in executed.cells if "injected-parameters" in c.metadata.get("tags", [])]
-    assert len(injected) == 1 and "n = 7" in injected[0].source and 'profile = "demo"' in injected[0].source
+    # Only the profile and its file are injected: the notebook reads every knob from the profile itself.
+    assert len(injected) == 1 and 'profile = "demo"' in injected[0].source and "n = " not in injected[0].source
+    assert f'params_file = "{project / "params" / "demo.yaml"}"' in injected[0].source
+    assert metrics(project, "01_demo")["sources"]["n"] == "profile"
     assert (out / "02_demo" / "02_demo.ipynb").is_file()
     assert sorted(p.name for p in out.iterdir()) == ["01_demo", "02_demo"]  # no partial notebooks left
 

@@ -25,7 +25,7 @@ from twlib.rewriter import (
     splice,
     split_response,
 )
-from twlib.rewriter.chat import CachedChat, EngineChat, HTTPChat, Malformed, cache_key, json_list, prompt
+from twlib.rewriter.chat import CachedChat, CacheWarning, EngineChat, HTTPChat, Malformed, cache_key, json_list, prompt
 from twlib.tasks import ExpressionParams, make_problem
 
 FIXTURES = Path(__file__).parent / "fixtures" / "rewriter"
@@ -433,8 +433,9 @@ def test_cache_keys_and_counters(tmp_path):
     saved = json.loads(llm.path(key).read_text())
     assert saved["response"] == "answer 1" and saved["messages"] == m
     llm.path(key).write_text("{")
-    with pytest.raises(ValueError, match="LLM cache file .* is unreadable"):
-        llm.chat(m, 8, 0.0)
+    with pytest.warns(CacheWarning, match="LLM cache file .* is unusable"):  # a torn entry is a miss, asked again
+        assert llm.chat(m, 8, 0.0) == "answer 4"
+    assert (llm.calls, llm.corrupt, inner.n) == (4, 1, 4) and json.loads(llm.path(key).read_text())["response"] == "answer 4"
     with pytest.raises(ValueError, match="message 0 must be a dict"):
         llm.chat([{"role": "user"}], 8, 0.0)
 

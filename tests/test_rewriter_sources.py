@@ -76,9 +76,10 @@ def test_data_stage_parameters_are_checked(cls, bad, message):
     cls.from_dict({"profile": "p"})  # the defaults are valid
 
 
-def test_endpoint_settings_reach_the_http_client(tmp_path):
+def test_endpoint_settings_reach_the_http_client(tmp_path, monkeypatch):
+    monkeypatch.setenv("TWLIB_TEST_KEY", "k")
     cfg = config.RewritingConfig.from_dict({"profile": "p", "llm_engine": "endpoint", "llm_model": "big",
-                                            "llm_base_url": "http://127.0.0.1:9", "llm_api_key": "k"})
+                                            "llm_base_url": "http://127.0.0.1:9", "llm_api_key_env": "TWLIB_TEST_KEY"})
     llm = rewriting.make_llm(cfg, _run(tmp_path))
     try:
         assert llm.model_id.startswith("big") and Stage1Settings.for_stage(cfg).min_diversity == 200

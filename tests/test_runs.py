@@ -9,7 +9,7 @@ import pytest
 from twlib import files
 from twlib.config import ConfigError, StageConfig, register_stage
 from twlib.files import atomic_dir, atomic_write_bytes, atomic_write_json, atomic_write_text, project_root
-from twlib.runs import RunFolder, StageComplete, StageMissing, is_complete
+from twlib.runs import RunFolder, StageMissing, damage, is_complete
 
 
 @register_stage
@@ -107,14 +107,22 @@ def test_absolute_output_root(project, tmp_path):
     assert run.folder == tmp_path / "out" / "demo" / "92_runs"
 
 
-def test_complete_stage_needs_force_and_force_archives(project):
+def test_complete_stage_reopens_to_show_results_and_force_archives(project):
     run = RunFolder.open(cfg())
     run.path("data", "a.txt").write_text("old")
-    run.finish({"acc": 0.5})
+    calls = []
+    assert run.once("score", lambda: calls.append(1) or {"acc": 0.5}) == {"acc": 0.5}
+    record = run.finish({"acc": 0.5})
     assert is_complete(run.profile_root, "92_runs")
-    with pytest.raises(StageComplete) as e:
-        RunFolder.open(cfg())
-    assert str(run.folder) in str(e.value) and "force=True" in str(e.value)
+    view = RunFolder.open(cfg())  # Run All on a finished stage: its results, nothing redone
+    assert view.complete and view.archived is None and view.has("data/a.txt")
+    assert view.once("score", lambda: calls.append(2) or {"acc": 0.0}) == {"acc": 0.5} and calls == [1]
+    assert view.finish({"acc": 0.0}) == record == json.loads((run.folder / "metrics.json").read_text())
+    with pytest.raises(StageMissing, match="'other'.*force=True"):
+        view.once("other", lambda: 1)
+    with pytest.raises(ConfigError) as e:
+        RunFolder.open(cfg(n=5))
+    assert "complete run with other parameters (n: 1 → 5)" in str(e.value) and "force=True" in str(e.value)
 
     again = RunFolder.open(cfg(force=True))
     assert again.folder == run.folder and not again.has("data/a.txt") and not again.has("metrics.json")
@@ -196,7 +204,33 @@ def test_save_figure(project):
     fig = Figure()
     fig.add_subplot().plot([0, 1], [1, 0])
     run = RunFolder.open(cfg())
-    path = run.save_figure(fig, "curve")
-    assert path == run.folder / "curve.png"
+    assert run.save_figure(fig, "curve") is None  # a cell ending with it echoes no path
+    path = run.folder / "curve.png"
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert sorted(p.name for p in run.folder.iterdir()) == ["curve.png", "run.json"]
+
+
+def test_failed_start_leaves_nothing_that_blocks_other_parameters(project):
+    RunFolder.open(cfg(n=2))  # the stage then fails before writing anything (e.g. an earlier stage is missing)
+    (project / "outputs" / "demo" / "92_runs" / "92_runs.failed.ipynb").write_text("{}")
+    run = RunFolder.open(cfg(n=3))  # other parameters: a fresh start, not "an interrupted run"
+    assert json.loads((run.folder / "run.json").read_text())["params"]["n"] == 3 and run.archived is None
+
+
+def test_resumed_run_skips_finished_steps(project):
+    run = RunFolder.open(cfg())
+    assert run.once("rows", lambda: [1, 2]) == [1, 2]
+    resumed = RunFolder.open(cfg())
+    assert resumed.once("rows", lambda: pytest.fail("recomputed")) == [1, 2]
+
+
+def test_damage_names_changed_files_and_require_complete_refuses(project):
+    first = RunFolder.open(NextCfg.from_dict({"profile": "demo"}))
+    first.path("data", "train.parquet").write_bytes(b"PAR1" * 100)
+    first.finish({})
+    assert damage(first.folder) == []
+    (first.folder / "data" / "train.parquet").write_bytes(b"")
+    assert damage(first.folder) == [f"{first.folder / 'data' / 'train.parquet'} has 0 bytes, 400 when the run finished"]
+    later = RunFolder.open(cfg())
+    with pytest.raises(StageMissing, match="train.parquet has 0 bytes.*--stages 93_next --force"):
+        later.require_complete("93_next")

@@ -18,8 +18,11 @@ from typing import Callable, Iterable
 from datasets import Dataset, DatasetDict, load_dataset
 
 from . import format as fmt
-from .tasks import SPLITS, Problem
-from .tokenizer import drift, prompt_ids, token_counter
+from . import tasks
+from .config import STAGE_CONFIGS, TrajectoriesConfig
+from .show import progress
+from .tasks import SPLITS, Problem, math_data
+from .tokenizer import build_char_tokenizer, drift, load_tokenizer, prompt_ids, save_tokenizer, token_counter
 
 
 def trajectory_row(question: str, answer: str, parallel_text: str, sequential_text: str,
@@ -93,14 +96,80 @@ def save_parquet(dsd, folder: str | Path) -> dict[str, str]:
     return paths
 
 
-def load_parquet(folder: str | Path, splits: Iterable[str] = SPLITS):
-    """Load the splits written by `save_parquet` (missing files raise a clear error)."""
+class DatasetError(RuntimeError):
+    """A dataset file cannot be used; the message names the file and the stage that wrote it."""
+
+
+def _writer(folder: Path) -> str:
+    """The stage whose run folder holds ``folder`` (e.g. ``01_trajectories``), for error messages."""
+    return next((p.name for p in (folder, *folder.parents) if p.name in STAGE_CONFIGS), "the stage that wrote it")
+
+
+def load_parquet(folder: str | Path, splits: Iterable[str] = SPLITS) -> DatasetDict:
+    """Load the splits written by `save_parquet`. A missing, empty or unreadable file raises `DatasetError`
+    naming the file and the stage that wrote it (and how to redo that stage)."""
     folder = Path(folder)
-    files = {s: str(folder / f"{s}.parquet") for s in splits}
-    missing = [f for f in files.values() if not Path(f).exists()]
-    if missing:
-        raise FileNotFoundError(f"dataset files missing: {missing}; run notebooks/01_trajectories.ipynb first")
-    return DatasetDict({s: load_dataset("parquet", data_files=f, split="train") for s, f in files.items()})
+    stage = _writer(folder)
+    redo = f"rerun {stage} (python -m twlib.pipeline params/<profile>.yaml --stages {stage} --force)"
+    out = {}
+    for split in splits:
+        path = folder / f"{split}.parquet"
+        if not path.is_file():
+            raise DatasetError(f"{path} is missing: the {split} split of {stage} was never written; {redo}")
+        try:
+            out[split] = load_dataset("parquet", data_files=str(path), split="train")
+        except Exception as e:  # pyarrow and datasets raise many kinds; each means the file is unusable
+            cause = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+            raise DatasetError(f"{path} (the {split} split written by {stage}) cannot be read: {cause}; {redo}") from e
+    return DatasetDict(out)
+
+
+def char_tokenizer(run):
+    """Notebook 01's tokenizer: the tiny character tokenizer, saved in ``<run>/tokenizer`` (read back when a
+    resumed or re-opened run already has it)."""
+    path = run.folder / "tokenizer"
+    if path.is_dir():
+        return load_tokenizer(path)
+    tokenizer = build_char_tokenizer()
+    save_tokenizer(tokenizer, run.path("tokenizer"))
+    return tokenizer
+
+
+def synthetic_splits(cfg: TrajectoriesConfig, tokenizer, run) -> DatasetDict:
+    """Notebook 01's synthetic splits: generated (task mix, extra short problems, coarse forks, disjoint
+    splits), tokenised and saved in ``<run>/data`` once; read back when the run already has them."""
+    if (run.folder / "data" / "test.parquet").is_file():
+        return load_parquet(run.folder / "data")
+    sizes = cfg.sizes()
+    with run.timer("generate"), progress(sum(sizes.values()) + cfg.n_train_short, "problems") as bar:
+        problems = tasks.generate_splits(tasks.task_mix(cfg), sizes, cfg.seed, progress=bar.update)
+        problems["train"] += tasks.short_training_problems(problems, sizes, tasks.short_task_mix(cfg),
+                                                           cfg.n_train_short, cfg.seed, progress=bar.update)
+    problems["train"] = tasks.coarsen_threads(problems["train"], cfg.coarse_fraction, cfg.seed)
+    tasks.check_disjoint({split: [p.question for p in items] for split, items in problems.items()})
+    with run.timer("tokenize"), progress(sum(len(v) for v in problems.values()), "rows") as bar:
+        splits = build_dataset_dict(problems, tokenizer, progress=bar.update)
+    save_parquet(splits, run.path("data"))
+    return splits
+
+
+def math_splits(cfg: TrajectoriesConfig, run) -> DatasetDict:
+    """Notebook 01's real-math splits (`twlib.tasks.math_data.math_dataset`), built and saved once."""
+    if (run.folder / "data" / "test.parquet").is_file():
+        return load_parquet(run.folder / "data")
+    with run.timer("load_math"):
+        splits = math_data.math_dataset(cfg, run.project)
+    save_parquet(splits, run.path("data"))
+    return splits
+
+
+def example_with_block(ds, index: int = 0) -> dict:
+    """The shortest parallel CoT with a block among the 20 rows from ``index`` (for drawing a trie)."""
+    rows = [r for r in ds.select(range(index, min(len(ds), index + 20))) if r["num_blocks"] > 0]
+    if not rows:
+        raise ValueError(f"no parallel trajectory among rows {index}..{index + 19}")
+    row = min(rows, key=lambda r: r["par_total_tokens"])
+    return {"question": row["question"], "text": row["completion"][0]["content"]}
 
 
 def statistics_table(df):

@@ -21,12 +21,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-__all__ = ["project_root", "atomic_write_bytes", "atomic_write_text", "atomic_write_json", "json_default",
+__all__ = ["find_root", "project_root", "atomic_write_bytes", "atomic_write_text", "atomic_write_json", "json_default",
            "json_line", "atomic_dir", "replace_dir"]
 
 
-def _find_root(start: Path) -> Path | None:
-    start = start.resolve()
+def find_root(start: Path) -> Path | None:
+    """The nearest folder at or above ``start`` holding ``pyproject.toml`` and ``notebooks/``, else None."""
+    start = Path(start).resolve()
     for d in (start, *start.parents):
         if (d / "pyproject.toml").is_file() and (d / "notebooks").is_dir():
             return d
@@ -40,8 +41,8 @@ def project_root(start: str | Path | None = None) -> Path:
     JupyterLab runs notebooks in ``notebooks/`` and papermill in the repo root; both must land
     in the same ``outputs/``.
     """
-    found = _find_root(Path(start)) if start is not None else None
-    return found or _find_root(Path.cwd()) or Path.cwd()
+    found = find_root(Path(start)) if start is not None else None
+    return found or find_root(Path.cwd()) or Path.cwd()
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:

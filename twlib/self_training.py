@@ -27,6 +27,7 @@ from . import launch
 from .config import SelfTrainingConfig, TrieSFTConfig
 from .engines import GREEDY, Sampling
 from .engines.local import make_engine
+from .evaluation import evaluate
 from .files import atomic_write_text
 from .grading import grade
 from .models import context_length
@@ -35,6 +36,7 @@ from .rewriter.sources import accepted_examples
 from .runs import RunFolder, is_complete
 from .sft import TrainSettings, dataset_examples, fit_rows, starting_model, train_rows
 from .sft import train_settings as sft_train_settings
+from .show import progress
 from .tokenizer import load_tokenizer, prompt_ids, segment_ids
 
 REASONS = ("kept", "guard", "format", "drift", "incorrect", "duplicate")
@@ -171,6 +173,50 @@ def orchestrator(cfg: SelfTrainingConfig, model_path: str | Path, tokenizer, gre
     sampling = GREEDY if greedy else Sampling(temperature=cfg.temperature, top_p=cfg.top_p)
     limits = OrchestratorConfig.for_stage(cfg, context_length(model_path), sampling)
     return Orchestrator(make_engine(cfg.engine, model_path, tokenizer.eos_token_id), tokenizer, limits)
+
+
+class _Lazy:
+    """An orchestrator built on its first ``run``: a resumed or re-opened run whose rollouts are all on disk
+    never loads the model."""
+
+    def __init__(self, build: Callable[[], Orchestrator], config: OrchestratorConfig):
+        self.build, self.config, self._built = build, config, None
+
+    def run(self, prompts, progress=None):
+        self._built = self._built or self.build()
+        return self._built.run(prompts, progress)
+
+
+def rollouts(cfg: SelfTrainingConfig, run: RunFolder, problems: Sequence[dict], tokenizer, sft_model: Path) -> list[dict]:
+    """Notebook 03's sampled rollouts of the parallel SFT model (`roll_out` in resumable chunks under
+    ``<run>/rollouts``), duplicates marked, with a progress bar."""
+    sampling = Sampling(temperature=cfg.temperature, top_p=cfg.top_p)
+    lazy = _Lazy(lambda: orchestrator(cfg, sft_model, tokenizer),
+                 OrchestratorConfig.for_stage(cfg, context_length(sft_model), sampling))
+    with run.timer("rollouts"), progress(len(problems) * cfg.samples_per_prompt, "rollouts") as bar:
+        records = roll_out(lazy, problems, tokenizer, cfg.samples_per_prompt, run.path("rollouts"), cfg.chunk_size,
+                           cfg.seed, bar.update)
+    return mark_duplicates(records)
+
+
+def checks(cfg: SelfTrainingConfig, run: RunFolder, tokenizer, problems: Sequence[dict],
+           model_paths: dict[str, Path]) -> dict[str, list[dict]]:
+    """Greedy evaluation records of each model on ``problems`` (the before/after check), once per run."""
+    out = {}
+    for name, path in model_paths.items():
+        def evaluate_one(path=path, name=name) -> list[dict]:
+            with run.timer(f"check_{name}"), progress(len(problems), name) as bar:
+                return evaluate(orchestrator(cfg, path, tokenizer, greedy=True), problems, tokenizer,
+                                progress=bar.update)
+        out[name] = run.once(f"check-{name}", evaluate_one) if problems else []
+    return out
+
+
+def example_records(records: Sequence[dict]) -> dict[str, dict]:
+    """One kept rollout that forks and one rejected rollout (the first of each), to show in the notebook."""
+    kept = next((r for r in records if r["reason"] == "kept" and r["num_blocks"]), None)
+    rejected = next((r for r in records if r["reason"] not in ("kept", "duplicate")), None)
+    return {name: r for name, r in (("kept", kept), ("rejected", rejected)) if r is not None}
 
 
 def train_settings(cfg: SelfTrainingConfig, sft_cfg: TrieSFTConfig) -> TrainSettings:

@@ -39,6 +39,8 @@ from .masks import ancestor_block_mask, collate, row_tensors
 from .models import build_tiny_model, load_model, model_spec, pretrained_for, pretrained_tokenizer, save_model
 from .rewriter.sources import accepted_rows
 from .runs import RunFolder
+from .show import quiet_trainer
+from .tasks.release import release_for_stage
 from .tokenizer import load_tokenizer, prompt_ids
 from .trie import IGNORE, Objective, PackedTrie, pack_rows, pack_trajectory
 
@@ -296,7 +298,8 @@ def fit_rows(model, tokenizer, rows: Dataset, settings: TrainSettings, run, name
     """Train ``model`` on ``rows`` with checkpoints in ``<run>/<name>_checkpoints`` (an interrupted run resumes
     from the newest) and save it to ``<run>/<name>_model`` (HF format: transformers and vLLM load it).
     Returns ``{"log", "model_path", "parameters", "rows", "trained_tokens"}``."""
-    trainer = make_trainer(model, tokenizer, rows, run.path(f"{name}_checkpoints"), settings)
+    trainer = quiet_trainer(make_trainer(model, tokenizer, rows, run.path(f"{name}_checkpoints"), settings),
+                            f"train {name}")
     with run.timer(f"train_{name}"):
         log = train(trainer)
     path = save_trained(trainer, tokenizer, run.path(f"{name}_model"))
@@ -325,8 +328,11 @@ def stage_tokenizer(cfg: TrieSFTConfig, run):
 
 
 def training_data(cfg: TrieSFTConfig, run) -> Dataset:
-    """The trajectories notebook 02 trains on (``train_data``): the 01 training split, or every trajectory the
+    """The trajectories notebook 02 trains on (``train_data``): the 01 training split, the authors' released data
+    (`twlib.tasks.release`), or every trajectory the
     stage-1 rewriting accepted (``question``, ``completion``, ``sequential_completion`` columns)."""
+    if cfg.train_data == "release":
+        return release_for_stage(cfg, root=run.project)
     if cfg.train_data == "01b_rewriting":
         rows = accepted_rows(run.require_complete("01b_rewriting") / "accepted.jsonl")
         if not rows:
@@ -416,16 +422,23 @@ def reference_scores(model_paths: dict, tokenizer, ds, progress=None):
             .rename(columns={"size": "problems", "mean": "reproduced"}))
 
 
+def validation_scores(run: RunFolder, model_paths: dict, tokenizer, ds) -> pd.DataFrame:
+    """`reference_scores` of notebook 02's trained models on ``ds``, computed once per run (a re-opened run
+    shows the stored scores)."""
+    def score() -> list[dict]:
+        with run.timer("reference_scores"):
+            return reference_scores(model_paths, tokenizer, ds).to_dict("records")
+
+    return pd.DataFrame(run.once("reference_scores", score),
+                        columns=["model", "family", "shape", "problems", "reproduced"])
+
+
+def results_frame(results: dict) -> pd.DataFrame:
+    """One row per trained model of `fit`'s records, the training log left out."""
+    return pd.DataFrame({kind: {k: v for k, v in r.items() if k != "log"} for kind, r in results.items()}).T
+
+
 def reproduced_share(scores, kind: str) -> float | None:
     """The overall share of `reference_scores` for one model, None where nothing was scored."""
     row = scores[(scores.model == kind) & (scores.family == "all")]
     return float(row.reproduced.iloc[0]) if len(row) else None
-
-
-def example_with_block(ds, index: int = 0) -> dict:
-    """The shortest parallel CoT with a block among the 20 rows from ``index`` (for drawing a trie)."""
-    rows = [r for r in ds.select(range(index, min(len(ds), index + 20))) if r["num_blocks"] > 0]
-    if not rows:
-        raise ValueError(f"no parallel trajectory among training rows {index}..{index + 19}")
-    row = min(rows, key=lambda r: r["par_total_tokens"])
-    return {"question": row["question"], "text": row["completion"][0]["content"]}

@@ -170,5 +170,21 @@ def drift(traj: fmt.Trajectory, tokenizer) -> Drift:
 
 
 def token_counter(tokenizer):
-    """``count(text) -> int`` for `format.parse(..., count=...)`."""
-    return lambda text: len(tokenizer.encode(text, add_special_tokens=False))
+    """``count(text) -> int`` for `format.parse(..., count=...)`.
+
+    Text that is not valid Unicode (a lone surrogate, e.g. from a bad decode) has no tokens: `FormatError` naming
+    the character, rather than the tokenizer's TypeError. (`format.parse` itself never counts such text.)
+
+    >>> token_counter(build_char_tokenizer())("ab\\ud800")
+    Traceback (most recent call last):
+    twlib.format.tags.FormatError: lone surrogate '\\ud800' cannot be tokenised (at character 2)
+    """
+    def count(text: str) -> int:
+        try:
+            return len(tokenizer.encode(text, add_special_tokens=False))
+        except (TypeError, ValueError):  # fast tokenizers raise TypeError, others UnicodeEncodeError
+            bad = fmt.tags.SURROGATE_RE.search(text) if isinstance(text, str) else None
+            if bad is None:
+                raise
+            raise fmt.FormatError(f"lone surrogate {bad.group()!r} cannot be tokenised", bad.start()) from None
+    return count

@@ -11,7 +11,7 @@ their checks only: each stage module turns its config into what it needs (``twli
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
+import os
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -19,57 +19,24 @@ from ..engines import VLLM_CPU_HEAD_DIMS
 from ..tasks import FAMILIES
 from ..tasks.expressions import MAX_GROUPS, MAX_REPEATS
 from ..tasks.math_data import MathDataError, resolve_name
-from .core import Check, ConfigError, KnobGroup, StageConfig, register_stage
+from .core import ConfigError, StageConfig, register_stage
+from .knobs import LaunchKnobs, OrchestratorLimits, RewardKnobs
 
-__all__ = ["OrchestratorLimits", "RewardKnobs", "LaunchKnobs", "TrajectoriesConfig", "RewritingConfig", "TrieSFTConfig",
+__all__ = ["TrajectoriesConfig", "RewritingConfig", "TrieSFTConfig",
            "SelfTrainingConfig", "PGRPOConfig", "EvaluationConfig"]
 
 
-# ----------------------------------------------------------------------------------- knob groups
-@dataclass(frozen=True, kw_only=True)
-class OrchestratorLimits(KnobGroup):
-    """The orchestrator's guards (docs/design.md §6); budgets count response tokens, inserted ones included.
-
-    Stages that run the orchestrator (03, 04, 05) carry these knobs; a stage may give them other defaults.
-    """
-    max_new_tokens: int = 1024
-    max_thread_tokens: int = 512
-    max_threads: int = 8
-    max_blocks: int = 8
-
-    def knob_checks(self) -> Iterator[Check]:
-        yield from super().knob_checks()
-        for name in ("max_new_tokens", "max_thread_tokens", "max_threads"):
-            yield getattr(self, name) >= 1, name, "must be >= 1"
-        yield self.max_blocks >= 0, "max_blocks", "must be >= 0"
+# A synthetic trajectory row holds three CoT texts and their statistics: a few KiB in memory (measured about
+# 3 KiB on the cpu-demo data; rounded up).
+ROW_BYTES = 8 * 1024
 
 
-@dataclass(frozen=True, kw_only=True)
-class RewardKnobs(KnobGroup):
-    """The P-GRPO reward (docs/design.md §8): ``r = 1 + rho · min(acceleration_ratio, clip)`` when correct,
-    else ``incorrect_reward``."""
-    rho: float = 0.5
-    clip: float = 0.2
-    incorrect_reward: float = 0.0
-
-    def knob_checks(self) -> Iterator[Check]:
-        yield from super().knob_checks()
-        yield self.rho >= 0, "rho", "must be >= 0"
-        yield 0 <= self.clip <= 1, "clip", "must be in [0, 1] (an acceleration ratio)"
-
-
-@dataclass(frozen=True, kw_only=True)
-class LaunchKnobs(KnobGroup):
-    """Training in several processes (docs/design.md §10): empty ``accelerate_config`` trains in the notebook's
-    own process; a name of ``configs/accelerate/`` or a file hands the job to ``accelerate launch``."""
-    accelerate_config: str = ""
-    num_processes: int = 0
-
-    def knob_checks(self) -> Iterator[Check]:
-        yield from super().knob_checks()
-        yield self.num_processes >= 0, "num_processes", "must be >= 0 (0: the accelerate config's count)"
-        yield (self.num_processes == 0 or bool(self.accelerate_config), "num_processes",
-               "needs an accelerate_config (several processes are started by accelerate launch)")
+def physical_memory() -> int:
+    """Bytes of memory of this machine (a large value where the system does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 2**50
 
 
 # ------------------------------------------------------------------------------ stage configs
@@ -115,6 +82,7 @@ class TrajectoriesConfig(StageConfig):
 
     def validate(self) -> None:
         self._check(self.source in ("synthetic", "math"), "source", "must be 'synthetic' or 'math'")
+        self._check_memory()
         self._validate_math()
         if self.source == "synthetic":
             for name in ("n_train", "n_validation", "n_test"):
@@ -176,6 +144,14 @@ class TrajectoriesConfig(StageConfig):
     def sizes(self) -> dict[str, int]:
         return {"train": self.n_train, "validation": self.n_validation, "test": self.n_test}
 
+    def _check_memory(self) -> None:
+        """Refuse split sizes whose rows cannot fit in this machine's memory, with the estimate."""
+        rows = self.n_train + self.n_validation + self.n_test + self.n_train_short
+        need, have = rows * ROW_BYTES, physical_memory()
+        self._check(need <= have, "n_train", f"(with n_validation, n_test and n_train_short: {rows:,} rows) needs "
+                    f"about {need / 2**30:,.0f} GiB in memory ({ROW_BYTES // 1024} KiB a row), more than this "
+                    f"machine's {have / 2**30:,.0f} GiB")
+
 
 @register_stage
 @dataclass(frozen=True, kw_only=True)
@@ -203,6 +179,9 @@ class TrieSFTConfig(LaunchKnobs, StageConfig):
     train_parallel: bool = True
     example_index: int = 0
     train_data: str = "01_trajectories"
+    release_data: str = "longlian/threadweaver_public_code_reproduced"
+    release_subset: str = "sample_964"
+    release_limit: int = 0
     base_model: str = ""
     model_dtype: str = "float32"
     bf16: bool = False
@@ -221,8 +200,14 @@ class TrieSFTConfig(LaunchKnobs, StageConfig):
             self._check(self.num_heads % self.num_kv_heads == 0, "num_kv_heads", "must divide num_heads")
             self._check(self.hidden_size // self.num_heads in VLLM_CPU_HEAD_DIMS, "num_heads",
                         f"must give a head size hidden_size/num_heads in {VLLM_CPU_HEAD_DIMS}")
-        self._check(self.train_data in ("01_trajectories", "01b_rewriting"), "train_data",
-                    "must be '01_trajectories' (the synthetic CoTs) or '01b_rewriting' (what the LLM rewriting accepted)")
+        self._check(self.train_data in ("01_trajectories", "01b_rewriting", "release"), "train_data",
+                    "must be '01_trajectories' (the synthetic CoTs), '01b_rewriting' (what the LLM rewriting accepted) "
+                    "or 'release' (the authors' released SFT data)")
+        self._check(self.train_data != "release" or not self.train_sequential, "train_sequential",
+                    "must be false with train_data 'release' (the released data holds parallel trajectories only)")
+        self._check(self.release_limit >= 0, "release_limit", "must be >= 0 (0: every accepted row)")
+        self._check(self.release_subset in ("sample_964", "sample_964_8x"), "release_subset",
+                    "must be 'sample_964' or 'sample_964_8x'")
         self._check(self.base_model == self.base_model.strip(), "base_model", "must not start or end with spaces")
         self._check(self.model_dtype in ("float32", "bfloat16"), "model_dtype", "must be 'float32' or 'bfloat16'")
         self._check(self.attention in ("dense", "flex"), "attention", "must be 'dense' or 'flex'")
@@ -241,31 +226,68 @@ class TrieSFTConfig(LaunchKnobs, StageConfig):
 @register_stage
 @dataclass(frozen=True, kw_only=True)
 class EvaluationConfig(OrchestratorLimits, StageConfig):
-    """Parameters of notebooks/05_evaluation.ipynb (engine, test problems, orchestrator guards)."""
+    """Parameters of notebooks/05_evaluation.ipynb (engine, test problems, sampling, orchestrator guards). ``engine:
+    endpoint`` decodes through an OpenAI-compatible server (docs/design.md §6); ``{model}`` in ``base_url`` or
+    ``served_model`` becomes each model's name; the key is read from the variable ``api_key_env`` names (§10).
+
+    >>> EvaluationConfig.from_dict({"profile": "p", "engine": "endpoint", "base_url": "http://127.0.0.1:8000"}).served_model
+    '{model}'
+    """
 
     stage: ClassVar[str] = "05_evaluation"
 
     engine: str = "hf"
+    base_url: str = ""
+    served_model: str = "{model}"
+    api_key_env: str = ""
+    endpoint_timeout_s: float = 600.0
+    endpoint_concurrency: int = 64
     n_test: int = 0
     batch_size: int = 1
     # Evaluation answers need more room than rollouts: the group's defaults, doubled.
     max_new_tokens: int = 2048
     max_thread_tokens: int = 1024
     temperature: float = 0.0
+    top_p: float = 1.0
+    samples_per_problem: int = 1
     include_self_training: bool = False
     include_rl: bool = False
     dtype: str = "float32"
     tensor_parallel_size: int = 1
 
     def validate(self) -> None:
-        self._check(self.engine in ("hf", "vllm"), "engine", "must be 'hf' or 'vllm'")
+        self._check(self.engine in ("hf", "vllm", "endpoint"), "engine", "must be 'hf', 'vllm' or 'endpoint' (a server)")
+        self._check_secrets()
+        self._check(self.base_url.startswith(("http://", "https://")) or not (self.base_url or self.engine == "endpoint"),
+                    "base_url", "must be the server's http(s) URL (e.g. http://127.0.0.1:8000) when engine is 'endpoint'")
+        for name in ("base_url", "served_model"):
+            self._check(not set("{}") & set(getattr(self, name).replace("{model}", "")), name,
+                        "may hold {model} (the evaluated model's name) and no other {...} field")
+        self._check(self.engine != "endpoint" or bool(self.served_model.strip()), "served_model", "must name the served model")
+        self._check(self.endpoint_timeout_s > 0, "endpoint_timeout_s", "must be > 0 (seconds a request attempt may take)")
+        self._check(self.endpoint_concurrency >= 1, "endpoint_concurrency", "must be >= 1")
         self._check(self.n_test >= 0, "n_test", "must be >= 0 (0: the whole test split)")
         self._check(self.batch_size >= 1, "batch_size", "must be >= 1")
         self._check(self.temperature >= 0, "temperature", "must be >= 0 (0: greedy)")
+        self._check(0 < self.top_p <= 1, "top_p", "must be in (0, 1]")
+        self._check(self.samples_per_problem == 1 or self.samples_per_problem > 1 and self.temperature > 0,
+                    "samples_per_problem", "must be >= 1, and 1 when temperature is 0 (greedy samples are all the same)")
         self._check(self.dtype in ("float32", "bfloat16"), "dtype", "must be 'float32' or 'bfloat16'")
         self._check(self.tensor_parallel_size >= 1, "tensor_parallel_size", "must be >= 1")
-        self._check(self.tensor_parallel_size == 1 or self.engine == "vllm", "tensor_parallel_size",
-                    "needs engine 'vllm'")
+        self._check(self.tensor_parallel_size == 1 or self.engine == "vllm", "tensor_parallel_size", "needs engine 'vllm'")
+
+    def _check_secrets(self) -> None:
+        """A key in ``api_key_env`` (``sk-...``, over 64 characters, not a variable name) or credentials in ``base_url``
+        (``https://me:pw@host``) are refused WITHOUT being repeated: parameters go to run.json."""
+        url, name, prefixes = self.base_url, self.api_key_env, RewritingConfig.KEY_PREFIXES
+        bad_name = bool(name) and (name.startswith(prefixes) or len(name) > 64 or not (name.isascii() and name.isidentifier()))
+        bad_url = "@" in url.split("://", 1)[-1].split("/", 1)[0] or url.startswith(prefixes)
+        for field, bad, must in (("base_url", bad_url, "must be a bare URL"),  # no user:password@, no key
+                                 ("api_key_env", bad_name, "must be the NAME of an environment variable, e.g. OPENAI_API_KEY")):
+            if bad:  # the length only: the value may be the key
+                size = len(getattr(self, field))
+                raise ConfigError(f"{self.stage}: parameter '{field}' {must} (it looks like a key; the value, {size} "
+                                  "characters, is not shown): keys go in the environment variable api_key_env names")
 
 
 @register_stage
@@ -351,20 +373,35 @@ class SelfTrainingConfig(OrchestratorLimits, StageConfig):
         self._check(self.learning_rate > 0, "learning_rate", "must be > 0")
         self._check(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
         self._check(self.n_eval >= 0, "n_eval", "must be >= 0 (0: no before/after check)")
+        rollouts = self.n_prompts * self.samples_per_prompt
+        need, have = rollouts * ROW_BYTES, physical_memory()
+        self._check(need <= have, "n_prompts", f"× samples_per_prompt ({rollouts:,} rollouts) needs about "
+                    f"{need / 2**30:,.0f} GiB in memory, more than this machine's {have / 2**30:,.0f} GiB")
 
 
 @register_stage
 @dataclass(frozen=True, kw_only=True)
 class RewritingConfig(StageConfig):
-    """Parameters of notebooks/01b_rewriting.ipynb (stage-1 LLM rewriting of sequential traces)."""
+    """Parameters of notebooks/01b_rewriting.ipynb (stage-1 LLM rewriting of sequential traces, docs/design.md §9).
+
+    The endpoint's API key is never a parameter (docs/design.md §10): ``llm_api_key_env`` names the environment
+    variable holding it, read when the client is built, so the key is in no record and rotating it resumes a run.
+
+    >>> RewritingConfig.from_dict({"profile": "p", "llm_api_key_env": "OPENAI_API_KEY"}).llm_api_key_env
+    'OPENAI_API_KEY'
+    """
 
     stage: ClassVar[str] = "01b_rewriting"
+    # Prefixes of common API keys: such a value is a key pasted where the variable's name belongs.
+    KEY_PREFIXES: ClassVar[tuple[str, ...]] = ("sk-", "sk_", "hf_", "ghp_", "gho_", "github_pat_", "gsk_", "xai-", "AIza")
 
     llm_engine: str = "hf"
     llm_model: str = "02_trie_sft/sequential_model"
     llm_base_url: str = ""
-    llm_api_key: str = ""
+    llm_api_key_env: str = ""
     llm_max_tokens_field: str = "max_tokens"
+    llm_timeout_s: float = 300.0
+    llm_retries: int = 3
     n_traces: int = 50
     traces_from: str = "dataset"
     trace_model: str = ""
@@ -383,6 +420,10 @@ class RewritingConfig(StageConfig):
         if self.llm_engine == "endpoint":
             self._check(self.llm_base_url.startswith(("http://", "https://")), "llm_base_url",
                         "must be the endpoint's http(s) URL when llm_engine is 'endpoint'")
+        self._check_key_env()
+        self._check(0 < self.llm_timeout_s < float("inf"), "llm_timeout_s",
+                    "must be a finite number of seconds > 0 (the wall-clock limit of one request attempt)")
+        self._check(0 <= self.llm_retries <= 10, "llm_retries", "must be in 0..10 (attempts after the first)")
         self._check(self.n_traces >= 1, "n_traces", "must be >= 1")
         self._check(self.traces_from in ("dataset", "model"), "traces_from",
                     "must be 'dataset' (the sequential CoTs of the 01 training split) or 'model' (generated)")
@@ -397,3 +438,16 @@ class RewritingConfig(StageConfig):
         self._check(self.max_retries >= 0, "max_retries", "must be >= 0")
         self._check(self.min_diversity >= 0, "min_diversity", "must be >= 0")
         self._check(self.temperature >= 0, "temperature", "must be >= 0 (0: greedy)")
+
+    def _check_key_env(self) -> None:
+        """``llm_api_key_env`` is empty or an environment variable's name; a bad value is refused WITHOUT being
+        repeated (it may be the key itself), e.g. ``sk-...`` or anything over 64 characters."""
+        name = self.llm_api_key_env
+        if not name:
+            return
+        key_like = name.startswith(self.KEY_PREFIXES) or len(name) > 64
+        if key_like or not (name.isascii() and name.isidentifier()):
+            what = "looks like an API key itself" if key_like else "is not an environment variable name"
+            raise ConfigError(f"{self.stage}: parameter 'llm_api_key_env' {what} (the value, {len(name)} characters, "
+                              "is not shown): it must be the NAME of an environment variable holding the key, e.g. "
+                              "OPENAI_API_KEY (letters, digits and _); put the key in that variable, never in a params file")

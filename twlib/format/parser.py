@@ -1,7 +1,9 @@
 """Parsing response text or token ids into a `twlib.format.tree.Trajectory` (docs/design.md §4).
 
 Strict mode raises `FormatError` naming what is wrong and where (character and token offset); lenient
-mode never raises and lists what it tolerated in ``Trajectory.issues``.
+mode never raises and lists what it tolerated in ``Trajectory.issues``. Both take time linear in the
+input: strict parsing is one forward walk; lenient parsing first finds, in one backward sweep, where
+blocks close (`_Probe`), then walks each block once (`_Walker`) without ever undoing a walk.
 
 >>> parse("<think>\\nx\\n</think>\\n\\n\\\\boxed{1}").answer
 '1'
@@ -9,10 +11,11 @@ mode never raises and lists what it tolerated in ``Trajectory.issues``.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from collections import Counter
+from functools import cached_property
 from typing import Callable, Sequence
 
-from .tags import (
+from .tags import (  # Piece, *_pieces, tag_id_map: for `twlib.format`
     OUTLINE_CLOSE,
     OUTLINE_OPEN,
     OUTLINES_CLOSE,
@@ -20,83 +23,226 @@ from .tags import (
     PARALLEL_CLOSE,
     PARALLEL_OPEN,
     STRUCTURE_TAGS,
-    TAG_RE,
-    TAGS,
+    SURROGATE_RE,
     THINK_CLOSE,
     THINK_OPEN,
     THREAD_CLOSE,
     THREAD_OPEN,
     FormatError,
+    Piece,
+    id_pieces,
+    tag_id_map,
+    text_pieces,
 )
-from .tree import _CANON, Block, Outline, Text, Thread, Trajectory, extract_boxed
+from .tree import _CANON, Block, Outline, Text, Thread, Trajectory, encode_spacing, extract_boxed, merge_texts
 
-_NUMBER_RE = re.compile(r"(\d+):")
-
-
-@dataclass(frozen=True)
-class Piece:
-    """A tag or a run of text, with its offsets and token count (None if unknown)."""
-    value: str
-    is_tag: bool
-    char: int
-    token: int | None
-    n_tokens: int | None
-
-
-def text_pieces(text: str, count: Callable[[str], int] | None = None) -> list[Piece]:
-    """Split text at tags. ``count`` gives the token count of a text run (tags count 1)."""
-    pieces, pos, tok = [], 0, 0 if count else None
-    for m in TAG_RE.finditer(text):
-        if m.start() > pos:
-            n = count(text[pos:m.start()]) if count else None
-            pieces.append(Piece(text[pos:m.start()], False, pos, tok, n))
-            tok = tok + n if count else None
-        pieces.append(Piece(m.group(), True, m.start(), tok, 1 if count else None))
-        tok = tok + 1 if count else None
-        pos = m.end()
-    if pos < len(text):
-        pieces.append(Piece(text[pos:], False, pos, tok, count(text[pos:]) if count else None))
-    return pieces
+# Outline/thread numbers are ASCII digits; a leading zero ("01") is refused in `_numbered` so that a number
+# renders back exactly as it was read (``\d`` would also take "١", read as 1 and rendered "1").
+_NUMBER_RE = re.compile(r"([0-9]+):")
+# Lenient mode reads complete blocks nested in outlines and threads as text, at any depth; it lists the issues
+# inside them down to this depth (walking deeper would only grow the call stack).
+_NESTED_ISSUE_DEPTH = 8
+# Tags that end an outline or thread as an error even in lenient mode.
+_FATAL_INSIDE = (PARALLEL_CLOSE, OUTLINES_CLOSE)
+_ITEM_TAGS = {"outline": (OUTLINE_OPEN, OUTLINE_CLOSE, ""), "thread": (THREAD_OPEN, THREAD_CLOSE, "\n")}
+_NO_ITEMS = {"outline": "a <Parallel> block has no <Outline>",
+             "thread": "a <Parallel> block has no <Thread> after </Outlines>"}
+# The steps of `_Walker.block`, in order, as `_Probe` takes them; each returns (next piece, failure or None).
+_BLOCK_STEPS = (("_gap", "after_parallel"), ("_expect", OUTLINES_OPEN, "after <Parallel>"),
+                ("_gap", "after_outlines_open"), ("_items", "outline"), ("_expect", OUTLINES_CLOSE, "after the outlines"),
+                ("_gap", "after_outlines_close"), ("_items", "thread"), ("_gap", "after_threads"),
+                ("_expect", PARALLEL_CLOSE, "after the last thread"))
+# Pieces walked (per piece of input) to list the issues inside blocks that are then read as text. Each failing
+# block is re-read from its next <Parallel>, so listing every failed walk is quadratic on degenerate inputs.
+_FAILED_WALK_BUDGET = 4
 
 
-def id_pieces(ids: Sequence[int], tag_ids: dict[int, str], decode: Callable[[list[int]], str]) -> list[Piece]:
-    """Split token ids at tag ids; text runs are decoded. Character offsets refer to the decoded text."""
-    pieces, run, run_start, char = [], [], 0, 0
+# ------------------------------------------------------------------- steps shared by both passes
+def _error(p: list[Piece], problem: str, at: int) -> FormatError:
+    """The error for ``problem`` at piece ``at`` (its character and token offset), or at the end of input."""
+    if at < len(p):
+        return FormatError(problem, p[at].char, p[at].token)
+    if not p:
+        return FormatError(problem, 0, None)
+    last = p[-1]
+    tok = None if last.token is None or last.n_tokens is None else last.token + last.n_tokens
+    return FormatError(problem + " (at end of input)", last.char + len(last.value), tok)
 
-    def flush(end: int):
-        nonlocal char, run
-        if run:
-            s = decode(run)
-            pieces.append(Piece(s, False, char, run_start, len(run)))
-            char += len(s)
-            run = []
 
-    for i, t in enumerate(ids):
-        if t in tag_ids:
-            flush(i)
-            pieces.append(Piece(tag_ids[t], True, char, i, 1))
-            char += len(tag_ids[t])
+def _expect_problem(p: list[Piece], i: int, tag: str, context: str) -> str | None:
+    piece = p[i] if i < len(p) else None
+    if piece is None or not piece.is_tag or piece.value != tag:
+        got = "end of input" if piece is None else (piece.value if piece.is_tag else f"text {piece.value[:20]!r}")
+        return f"expected {tag} {context}, found {got}"
+    return None
+
+
+def _gap_at(p: list[Piece], i: int, name: str) -> tuple[str, str | None]:
+    """Whitespace at structural position ``name`` (piece i, "" if that is a tag) and the problem if it is text.
+
+    >>> _gap_at(text_pieces("<Thread>x<Thread>"), 1, "between_threads")
+    ('x', 'text between threads')
+    """
+    piece = p[i] if i < len(p) else None
+    s = piece.value if piece is not None and not piece.is_tag else ""
+    if not s or s.isspace():
+        return s, None
+    if name == "after_threads":
+        nxt = p[i + 1] if i + 1 < len(p) else None
+        if not (nxt is not None and nxt.is_tag and nxt.value == PARALLEL_CLOSE):
+            return s, f"expected {PARALLEL_CLOSE} after the last thread, found text {s[:20]!r}"
+        return s, "text between the last </Thread> and </Parallel>"
+    if name == "between_threads":
+        return s, "text between threads"
+    return s, f"unexpected text {s[:20]!r} inside a <Parallel> block ({name})"
+
+
+def _text_between_threads(p: list[Piece], i: int) -> bool:
+    """Piece i is text and a ``<Thread>`` follows: the gap between two threads."""
+    return i + 1 < len(p) and not p[i].is_tag and p[i + 1].value == THREAD_OPEN
+
+
+def _unclosed(p: list[Piece], at: int, close: str, what: str) -> str:
+    """Why the outline or thread ``what`` did not reach ``close``: input ended, or a fatal tag at piece ``at``."""
+    return f"{what} is never closed with {close}" if at >= len(p) else f"nested {p[at].value} inside {what}"
+
+
+def _numbered(body: str, lead: str) -> tuple[int | None, str]:
+    """``(N, rest)`` for ``body == lead + "N:" + rest``; else ``(None, problem)`` (to follow "outline 2 ").
+
+    N is ASCII digits without a leading zero (paper §3.1: outlines are numbered 1..K), so rendering gives back
+    the text it came from; anything else is no number.
+
+    >>> _numbered("12: a", ""), _numbered("01: a", ""), _numbered("\\u0661: a", "")[0]
+    ((12, ' a'), (None, "does not start with its number 'N:'"), None)
+    """
+    if not body.startswith(lead):
+        return None, f"must start with {lead!r} after its tag"
+    m = _NUMBER_RE.match(body, len(lead))
+    if not m or (m.group(1).startswith("0") and len(m.group(1)) > 1):
+        return None, "does not start with its number 'N:'"
+    if len(m.group(1)) > 9:
+        return None, f"has an implausible number {m.group(1)[:12]}..."
+    return int(m.group(1)), body[m.end():]
+
+
+# ------------------------------------------------------------------------ pass 1: where blocks close
+class _Probe:
+    """Lenient pass 1: for every ``<Parallel>``, whether a block parses there and where it ends.
+
+    Lenient mode reads a malformed block as text and retries at the next ``<Parallel>``; inside outlines and
+    threads it reads complete nested blocks as text. Found by trial and rollback, this re-read each piece once per
+    enclosing attempt (time ~ depth⁹ on unclosed nested blocks). But where an outline or thread body starting at
+    piece i stops, where the run of outlines (threads) from i ends, and whether the block at i closes depend only
+    on the pieces after i: one right-to-left sweep answers each from answers already known, O(1) per piece,
+    without recursion or retries.
+
+    >>> _Probe(text_pieces("<Parallel>\\n<Outlines>\\n<Outline>1: a</Outline>\\n</Outlines>\\n<Thread>\\n1: b"
+    ...                    "\\n</Thread>\\n</Parallel>x")).blocks[0]
+    (15, None)
+    """
+
+    def __init__(self, pieces: list[Piece]):
+        self.p, self.n = pieces, len(pieces)
+        # <Parallel> piece → (end, None) if pieces j..end-1 are a block, else (None, (problem, piece)) as the walker fails
+        self.blocks: dict[int, tuple[int | None, tuple[str, int] | None]] = {}
+        # per kind ("outline", "thread"): where a body from each piece stops; the run of items from each item
+        self.stops = {kind: [self.n] * (self.n + 1) for kind in _ITEM_TAGS}
+        self.runs: dict[str, dict[int, tuple]] = {kind: {} for kind in _ITEM_TAGS}
+        for i in range(self.n - 1, -1, -1):
+            piece = pieces[i]
+            if piece.is_tag and piece.value == PARALLEL_OPEN:
+                self.blocks[i] = self._block(i)
+            for kind, (opening, close, _) in _ITEM_TAGS.items():
+                self.stops[kind][i] = self._stop(i, piece, close, kind)
+                if piece.is_tag and piece.value == opening:
+                    self.runs[kind][i] = self._item_run(i, kind)
+
+    def _block(self, j: int):
+        i = j + 1
+        for step, *args in _BLOCK_STEPS:
+            i, fail = getattr(self, step)(i, *args)
+            if fail:
+                return None, fail
+        return i, None
+
+    def _gap(self, i: int, name: str):
+        s, problem = _gap_at(self.p, i, name)
+        return i + (1 if s else 0), (problem, i) if problem else None
+
+    def _expect(self, i: int, tag: str, context: str):
+        problem = _expect_problem(self.p, i, tag, context)
+        return i + 1, (problem, i) if problem else None
+
+    def _items(self, i: int, kind: str):
+        """All outlines (threads) from piece i; a failure names the failing one by its place in the block."""
+        end, ok, fail = self.runs[kind].get(i, (i, 0, None))  # no item at i: an empty run
+        if fail:
+            problem, at = fail
+            return end, (problem(f"{kind} {ok + 1}") if callable(problem) else problem, at)
+        return end, (_NO_ITEMS[kind], end) if ok == 0 else None
+
+    def _stop(self, i: int, piece: Piece, close: str, kind: str) -> int:
+        """Piece where a body from piece i stops: its closing tag or a fatal one; ``n`` if the input ends first.
+        A complete nested block is stepped over (the walker reads it as text); other tags are text."""
+        if piece.is_tag and (piece.value == close or piece.value in _FATAL_INSIDE):
+            return i
+        end = self.blocks[i][0] if i in self.blocks else None
+        return self.stops[kind][i + 1 if end is None else end]
+
+    def _item_run(self, i: int, kind: str) -> tuple[int, int, tuple | None]:
+        """``(end, items read, failure)`` for the outlines (threads) from the one opened at piece i on."""
+        nxt, fail = self._item(i, kind)
+        if nxt is None:  # a failing item
+            return i, 0, fail
+        end, ok, fail = self.runs[kind].get(nxt, (nxt, 0, None))
+        return end, ok + 1, fail
+
+    def _item(self, i: int, kind: str):
+        """The outline (thread) opened at piece i: ``(next piece, None)`` or ``(None, failure)``."""
+        p, (_, close, lead) = self.p, _ITEM_TAGS[kind]
+        s = self.stops[kind][i + 1]
+        if s >= self.n or p[s].value != close:
+            return None, (lambda what: _unclosed(p, s, close, what), s)
+        # The number is in the first piece: any later piece of the body starts with a tag's "<".
+        num, rest = _numbered(p[i + 1].value if s > i + 1 else "", lead)
+        if num is None:
+            return None, (lambda what: f"{what} {rest}", i)
+        if kind == "outline":
+            nxt, fail = self._gap(s + 1, "after_outline")
+        elif s == i + 2 and (not rest or rest.isspace()):
+            return None, (f"thread {num} is empty", i)
+        elif _text_between_threads(p, s + 1):
+            nxt, fail = self._gap(s + 1, "between_threads")
         else:
-            if not run:
-                run_start = i
-            run.append(t)
-    flush(len(ids))
-    return pieces
+            nxt, fail = s + 1, None
+        return (None, fail) if fail else (nxt, None)
 
 
-# --------------------------------------------------------------------------------------- parser
-class _Parser:
+# ------------------------------------------------------------------ pass 2: build blocks, list issues
+class _Walker:
+    """Walks the pieces once, building text and blocks; strict raises at the first problem, lenient lists issues.
+
+    In lenient mode the `_Probe` says beforehand whether a block closes, so a walk is never undone: blocks that
+    close are built; one that does not is read as text and the walk up to its failure only lists its issues
+    (within a budget: a degenerate input re-reads failing blocks from each of their ``<Parallel>`` tags).
+
+    >>> _Walker(text_pieces("<Parallel>\\n<Outlines>\\n<Outline>1: a</Outline>\\n</Outlines>\\n<Thread>\\n1: b\\n"
+    ...                     "</Thread>\\n</Parallel>"), strict=True).block().threads
+    (Thread(number=1, body=' b\\n', n_tokens=None),)
+    """
+
     def __init__(self, pieces: list[Piece], strict: bool):
         self.p, self.strict, self.i, self.issues, self.depth = pieces, strict, 0, [], 0
+        self.budget = _FAILED_WALK_BUDGET * len(pieces) + 64
 
-    def fail(self, problem: str, piece: Piece | None = None):
-        piece = piece or (self.p[self.i] if self.i < len(self.p) else None)
-        if piece is None and self.p:
-            last = self.p[-1]
-            char = last.char + len(last.value)
-            tok = None if last.token is None or last.n_tokens is None else last.token + last.n_tokens
-            raise FormatError(problem + " (at end of input)", char, tok)
-        raise FormatError(problem, piece.char if piece else 0, piece.token if piece else None)
+    @cached_property
+    def probe(self) -> _Probe:
+        """Built on first use: lenient mode only, and only when a ``<Parallel>`` is met."""
+        return _Probe(self.p)
+
+    def fail(self, problem: str, at: int | None = None):
+        raise _error(self.p, problem, self.i if at is None else at)
 
     def peek(self) -> Piece | None:
         return self.p[self.i] if self.i < len(self.p) else None
@@ -106,42 +252,50 @@ class _Parser:
         while self.i < len(self.p):
             piece = self.p[self.i]
             if piece.is_tag and piece.value == PARALLEL_OPEN:
-                start = self.i
-                try:
-                    items.append(self.block())
+                if (block := self.top_block()) is not None:
+                    items.append(block)
                     continue
-                except FormatError as e:
-                    if self.strict:
-                        raise
-                    self.issues.append(f"block read as text: {e}")
-                    self.i = start
             elif piece.is_tag and piece.value in STRUCTURE_TAGS:
                 if self.strict:
                     self.fail(f"unexpected {piece.value} outside a <Parallel> block")
                 self.issues.append(f"stray {piece.value} read as text")
             items.append(Text(piece.value, piece.n_tokens))
             self.i += 1
-        return _merge_text(items), self.issues
+        return merge_texts(items), self.issues
 
-    def expect_tag(self, tag: str, context: str) -> Piece:
-        piece = self.peek()
-        if piece is None or not piece.is_tag or piece.value != tag:
-            got = "end of input" if piece is None else (piece.value if piece.is_tag else f"text {piece.value[:20]!r}")
-            self.fail(f"expected {tag} {context}, found {got}")
+    def top_block(self) -> Block | None:
+        """The block at a top-level ``<Parallel>``; lenient: None if it does not close (the caller reads it as text)."""
+        if self.strict:
+            return self.block()
+        start, self.depth = self.i, 0
+        end, failure = self.probe.blocks[start]
+        if end is not None:
+            return self.block()
+        error = _error(self.p, *failure)
+        cost = failure[1] - start + 1
+        if cost <= self.budget:
+            self.budget -= cost
+            try:
+                self.block()  # for the issues it meets before failing, listed ahead of the failure
+            except FormatError as e:
+                error = e
+        elif self.budget >= 0:
+            self.budget = -1
+            self.issues.append("issues inside further blocks read as text are not listed (degenerate input)")
+        self.issues.append(f"block read as text: {error}")
+        self.i = start
+        return None
+
+    def expect_tag(self, tag: str, context: str):
+        if problem := _expect_problem(self.p, self.i, tag, context):
+            self.fail(problem)
         self.i += 1
-        return piece
 
     def gap(self, name: str) -> str:
         """Optional whitespace at a structural position; strict mode wants the canonical one."""
-        piece = self.peek()
-        s = piece.value if piece is not None and not piece.is_tag else ""
-        if s.strip():
-            nxt = self.p[self.i + 1] if self.i + 1 < len(self.p) else None
-            if name == "after_threads" and not (nxt is not None and nxt.is_tag and nxt.value == PARALLEL_CLOSE):
-                self.fail(f"expected {PARALLEL_CLOSE} after the last thread, found text {s[:20]!r}")
-            where = {"between_threads": "text between threads",
-                     "after_threads": "text between the last </Thread> and </Parallel>"}.get(name)
-            self.fail(where or f"unexpected text {s[:20]!r} inside a <Parallel> block ({name})")
+        s, problem = _gap_at(self.p, self.i, name)
+        if problem:
+            self.fail(problem)
         if s != _CANON[name]:
             problem = f"non-canonical whitespace {s!r} {name.replace('_', ' ')} (expected {_CANON[name]!r})"
             if self.strict:
@@ -157,99 +311,96 @@ class _Parser:
         while True:
             piece = self.peek()
             if piece is None:
-                self.fail(f"{what} is never closed with {close}")
+                self.fail(_unclosed(self.p, self.i, close, what))
             if piece.is_tag and piece.value == close:
                 return "".join(out)
             if piece.is_tag:
-                if self.strict or piece.value in (PARALLEL_CLOSE, OUTLINES_CLOSE):
-                    self.fail(f"nested {piece.value} inside {what}")
-                if piece.value == PARALLEL_OPEN and (span := self._nested_block()):
-                    self.issues.append(f"nested <Parallel> block inside {what} read as text")
-                    out.extend(q.value for q in span)
-                    n_tokens.extend(q.n_tokens for q in span)
+                if self.strict or piece.value in _FATAL_INSIDE:
+                    self.fail(_unclosed(self.p, self.i, close, what))
+                if piece.value == PARALLEL_OPEN and self.nested(what, out, n_tokens):
                     continue
                 self.issues.append(f"nested {piece.value} inside {what} read as text")
             out.append(piece.value)
             n_tokens.append(piece.n_tokens)
             self.i += 1
 
-    def _nested_block(self) -> list[Piece] | None:
-        """Lenient only: the pieces of a complete block starting here (consumed), else None."""
-        start, n_issues = self.i, len(self.issues)
-        if self.depth >= 8:
-            return None
-        self.depth += 1
-        try:
+    def nested(self, what: str, out: list[str], n_tokens: list[int | None]) -> bool:
+        """Lenient: a complete block here (the probe knows) is read as text, after its own issues."""
+        start = self.i
+        end = self.probe.blocks[start][0]
+        if end is None:
+            return False
+        if self.depth < _NESTED_ISSUE_DEPTH:
+            self.depth += 1
             self.block()
-        except FormatError:
-            self.i, self.issues[n_issues:] = start, []
-            return None
-        finally:
             self.depth -= 1
-        return self.p[start:self.i]
+        self.i = end
+        out.extend(q.value for q in self.p[start:end])
+        n_tokens.extend(q.n_tokens for q in self.p[start:end])
+        self.issues.append(f"nested <Parallel> block inside {what} read as text")
+        return True
 
-    def numbered(self, body: str, what: str, piece: Piece, lead: str = "") -> tuple[int, str]:
-        if not body.startswith(lead):
-            self.fail(f"{what} must start with {lead!r} after its tag", piece)
-        m = _NUMBER_RE.match(body, len(lead))
-        if not m:
-            self.fail(f"{what} does not start with its number 'N:'", piece)
-        if len(m.group(1)) > 9:
-            self.fail(f"{what} has an implausible number {m.group(1)[:12]}...", piece)
-        return int(m.group(1)), body[m.end():]
+    def numbered(self, body: str, what: str, at: int, lead: str = "") -> tuple[int, str]:
+        num, rest = _numbered(body, lead)
+        if num is None:
+            self.fail(f"{what} {rest}", at)
+        return num, rest
 
     def block(self) -> Block:
-        open_piece = self.p[self.i]
-        start_i = self.i
+        """The fork-join block (paper §3.1; docs/design.md §4) whose ``<Parallel>`` is at piece ``self.i``."""
+        start = self.i
         self.i += 1
-        spacing = {"after_parallel": self.gap("after_parallel")}
+        gaps: dict[str, str | list[str]] = {"after_parallel": self.gap("after_parallel")}
         self.expect_tag(OUTLINES_OPEN, "after <Parallel>")
-        spacing["after_outlines_open"] = self.gap("after_outlines_open")
-        outlines = []
-        while (piece := self.peek()) is not None and piece.is_tag and piece.value == OUTLINE_OPEN:
-            self.i += 1
-            body = self.inner(OUTLINE_CLOSE, f"outline {len(outlines) + 1}", [])
-            self.i += 1
-            num, rest = self.numbered(body, f"outline {len(outlines) + 1}", piece)
-            outlines.append(Outline(num, rest))
-            g = self.gap("after_outline")
-            if g != "\n":
-                spacing["after_outline"] = g
-        if not outlines:
-            self.fail("a <Parallel> block has no <Outline>")
+        gaps["after_outlines_open"] = self.gap("after_outlines_open")
+        outlines, gaps["after_outline"] = self.outlines()
         self.expect_tag(OUTLINES_CLOSE, "after the outlines")
-        spacing["after_outlines_close"] = self.gap("after_outlines_close")
-        threads = []
+        gaps["after_outlines_close"] = self.gap("after_outlines_close")
+        threads, gaps["between_threads"] = self.threads()
+        gaps["after_threads"] = self.gap("after_threads")
+        self.expect_tag(PARALLEL_CLOSE, "after the last thread")
+        self._check_numbers(outlines, threads, start)
+        n_tok = [q.n_tokens for q in self.p[start:self.i]]
+        return Block(tuple(outlines), tuple(threads), encode_spacing(gaps), None if None in n_tok else sum(n_tok))
+
+    def outlines(self) -> tuple[list[Outline], list[str]]:
+        """``<Outline>N: ...</Outline>`` parts and the whitespace after each."""
+        outlines, after = [], []
+        while (piece := self.peek()) is not None and piece.is_tag and piece.value == OUTLINE_OPEN:
+            at, what = self.i, f"outline {len(outlines) + 1}"
+            self.i += 1
+            body = self.inner(OUTLINE_CLOSE, what, [])
+            self.i += 1
+            outlines.append(Outline(*self.numbered(body, what, at)))
+            after.append(self.gap("after_outline"))
+        if not outlines:
+            self.fail(_NO_ITEMS["outline"])
+        return outlines, after
+
+    def threads(self) -> tuple[list[Thread], list[str]]:
+        """``<Thread>\\nN: ...</Thread>`` parts and the whitespace between consecutive ones."""
+        threads, between = [], []
         while (piece := self.peek()) is not None and piece.is_tag and piece.value == THREAD_OPEN:
+            at, what = self.i, f"thread {len(threads) + 1}"
             self.i += 1
             counts = [piece.n_tokens]
-            body = self.inner(THREAD_CLOSE, f"thread {len(threads) + 1}", counts)
+            body = self.inner(THREAD_CLOSE, what, counts)
             counts.append(self.p[self.i].n_tokens)
             self.i += 1
-            num, rest = self.numbered(body, f"thread {len(threads) + 1}", piece, lead="\n")
+            num, rest = self.numbered(body, what, at, lead="\n")
             if not rest.strip():
-                self.fail(f"thread {num} is empty", piece)
+                self.fail(f"thread {num} is empty", at)
             threads.append(Thread(num, rest, None if None in counts else sum(counts)))
-            nxt, after = self.peek(), self.p[self.i + 1] if self.i + 1 < len(self.p) else None
-            if nxt is not None and not nxt.is_tag and after is not None and after.value == THREAD_OPEN:
-                g = self.gap("between_threads")
-                if g:
-                    spacing["between_threads"] = g
+            between.append(self.gap("between_threads") if _text_between_threads(self.p, self.i) else "")
         if not threads:
-            self.fail("a <Parallel> block has no <Thread> after </Outlines>")
-        spacing["after_threads"] = self.gap("after_threads")
-        self.expect_tag(PARALLEL_CLOSE, "after the last thread")
-        self._check_numbers(outlines, threads, open_piece)
-        n_tok = [q.n_tokens for q in self.p[start_i:self.i]]
-        block_tokens = sum(n_tok) if all(n is not None for n in n_tok) else None
-        spacing = tuple((k, v) for k, v in spacing.items() if v != _CANON[k])
-        return Block(tuple(outlines), tuple(threads), spacing, block_tokens)
+            self.fail(_NO_ITEMS["thread"])
+        return threads, between[:-1]  # after the last thread there is no next one
 
-    def _check_numbers(self, outlines, threads, piece):
+    def _check_numbers(self, outlines: list[Outline], threads: list[Thread], at: int):
         numbers = [o.number for o in outlines]
         problems = []
         if numbers != list(range(1, len(numbers) + 1)):
-            dup = sorted({n for n in numbers if numbers.count(n) > 1})
+            dup = sorted(n for n, c in Counter(numbers).items() if c > 1)
             problems.append(f"outline numbers {numbers} are not 1..{len(numbers)}"
                             + (f" (repeated: {dup})" if dup else ""))
         if len(threads) != len(outlines):
@@ -258,56 +409,37 @@ class _Parser:
             problems.append(f"thread numbers {[t.number for t in threads]} do not match outline numbers {numbers}")
         if problems:
             if self.strict:
-                self.fail("; ".join(problems), piece)
+                self.fail("; ".join(problems), at)
             self.issues.extend(problems)
 
 
-def _merge_text(items: list[Text | Block]) -> list[Text | Block]:
-    out: list[Text | Block] = []
-    for it in items:
-        if isinstance(it, Text) and out and isinstance(out[-1], Text):
-            a, b = out[-1].n_tokens, it.n_tokens
-            out[-1] = Text(out[-1].text + it.text, None if a is None or b is None else a + b)
-        else:
-            out.append(it)
-    return out
-
-
-def _check_envelope(items: list[Text | Block], pieces: list[Piece], strict: bool, issues: list[str]):
+def _check_envelope(pieces: list[Piece], strict: bool, issues: list[str]):
     """``<think>`` first, one ``</think>`` after every block, then a ``\\boxed{}``."""
-    tags = [p for p in pieces if p.is_tag]
-    opens = [p for p in tags if p.value == THINK_OPEN]
-    closes = [p for p in tags if p.value == THINK_CLOSE]
-    problems: list[tuple[str, Piece | None]] = []
-    if not pieces or not (pieces[0].is_tag and pieces[0].value == THINK_OPEN):
-        problems.append(("the response must start with <think>", pieces[0] if pieces else None))
+    n = len(pieces)
+    opens, closes = ([k for k, q in enumerate(pieces) if q.is_tag and q.value == tag] for tag in (THINK_OPEN, THINK_CLOSE))
+    problems: list[tuple[str, int]] = []  # (problem, piece index; n for the end of input)
+    if not opens or opens[0] != 0:
+        problems.append(("the response must start with <think>", 0))
     if len(opens) > 1:
         problems.append(("<think> appears more than once", opens[1]))
     if not closes:
-        problems.append(("missing </think>", None))
+        problems.append(("missing </think>", n))
     elif len(closes) > 1:
         problems.append(("</think> appears more than once", closes[1]))
     else:
-        after = [p for p in tags if p.char > closes[0].char and p.value in STRUCTURE_TAGS]
-        if after:
-            problems.append((f"{after[0].value} after </think>", after[0]))
-        tail = "".join(p.value for p in pieces if p.char > closes[0].char)
-        if extract_boxed(THINK_CLOSE + tail) is None:
-            problems.append(("missing \\boxed{} after </think>", None))
+        after = next((k for k in range(closes[0] + 1, n) if pieces[k].is_tag and pieces[k].value in STRUCTURE_TAGS), n)
+        if after < n:
+            problems.append((f"{pieces[after].value} after </think>", after))
+        if extract_boxed(THINK_CLOSE + "".join(q.value for q in pieces[closes[0] + 1:])) is None:
+            problems.append(("missing \\boxed{} after </think>", n))
     if strict and problems:
-        problem, piece = problems[0]
-        if piece is None and pieces:
-            last = pieces[-1]
-            tok = None if last.token is None else last.token + (last.n_tokens or 0)
-            raise FormatError(problem + " (at end of input)", last.char + len(last.value), tok)
-        raise FormatError(problem, piece.char if piece else 0, piece.token if piece else None)
+        raise _error(pieces, *problems[0])
     issues.extend(p for p, _ in problems)
 
 
 def _parse_pieces(pieces: list[Piece], strict: bool, eos: bool = False) -> Trajectory:
-    parser = _Parser(pieces, strict)
-    items, issues = parser.parse()
-    _check_envelope(items, pieces, strict, issues)
+    items, issues = _Walker(pieces, strict).parse()
+    _check_envelope(pieces, strict, issues)
     return Trajectory(tuple(items), eos, tuple(issues))
 
 
@@ -322,7 +454,14 @@ def parse(text: str, strict: bool = True, count: Callable[[str], int] | None = N
     """
     if not isinstance(text, str):
         raise FormatError(f"expected a str response, got {type(text).__name__}")
-    return _parse_pieces(text_pieces(text, count), strict)
+    bad = SURROGATE_RE.search(text)
+    if bad and strict:
+        raise FormatError(f"lone surrogate {bad.group()!r} in the response: not valid Unicode text", bad.start())
+    traj = _parse_pieces(text_pieces(text, count), strict)
+    if bad:
+        problem = f"lone surrogate {bad.group()!r} at character {bad.start()} read as text; it has no token count"
+        traj = Trajectory(traj.items, traj.eos, (problem,) + traj.issues)
+    return traj
 
 
 def parse_ids(ids: Sequence[int], tokenizer, strict: bool = True, eos_id: int | None = None) -> Trajectory:
@@ -337,8 +476,9 @@ def parse_ids(ids: Sequence[int], tokenizer, strict: bool = True, eos_id: int | 
     if (neg := next((k for k, i in enumerate(ids) if i < 0), None)) is not None:
         raise FormatError(f"negative token id {ids[neg]}", token_offset=neg)
     # A padded embedding matrix lets a model emit ids the tokenizer cannot decode.
-    if (oov := next((k for k, i in enumerate(ids) if i >= len(tokenizer)), None)) is not None:
-        raise FormatError(f"token id {ids[oov]} is outside the tokenizer's {len(tokenizer)} ids", token_offset=oov)
+    size = len(tokenizer)
+    if (oov := next((k for k, i in enumerate(ids) if i >= size), None)) is not None:
+        raise FormatError(f"token id {ids[oov]} is outside the tokenizer's {size} ids", token_offset=oov)
     eos_id = tokenizer.eos_token_id if eos_id is None else eos_id
     eos = bool(ids) and ids[-1] == eos_id
     body = ids[:-1] if eos else ids
@@ -352,15 +492,3 @@ def parse_ids(ids: Sequence[int], tokenizer, strict: bool = True, eos_id: int | 
     if eos_id is not None and eos_id in body:
         traj = Trajectory(traj.items, traj.eos, ("EOS inside the response read as text",) + traj.issues)
     return traj
-
-
-def tag_id_map(tokenizer) -> dict[int, str]:
-    """id → tag for every tag; raises `FormatError` if a tag is not exactly one token."""
-    out = {}
-    for tag in TAGS:
-        ids = tokenizer.encode(tag, add_special_tokens=False)
-        if len(ids) != 1:
-            raise FormatError(f"tag {tag} is not one token in this tokenizer (ids {ids}); add it with "
-                              "twlib.tokenizer.add_tags")
-        out[ids[0]] = tag
-    return out

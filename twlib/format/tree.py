@@ -6,7 +6,9 @@
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
+from itertools import groupby
 from typing import Sequence
 
 from .tags import (
@@ -23,6 +25,7 @@ from .tags import (
     FormatError,
 )
 
+_BRACE_RE = re.compile("[{}]")
 # Canonical whitespace around block parts; index names are used by `Block.spacing`.
 _CANON = {"after_parallel": "\n", "after_outlines_open": "\n", "after_outline": "\n",
           "after_outlines_close": "\n", "between_threads": "", "after_threads": "\n"}
@@ -62,7 +65,8 @@ class Block:
     """One fork-join block: outlines 1..K, then threads 1..K, joined."""
     outlines: tuple[Outline, ...]
     threads: tuple[Thread, ...]
-    # Whitespace at structural positions when it differs from the canonical layout (lenient parses).
+    # Whitespace at structural positions when it differs from the canonical layout (lenient parses); "name k"
+    # entries give single gaps of a repeated position (after outline k, between threads k and k+1), `encode_spacing`.
     spacing: tuple[tuple[str, str], ...] = ()
     n_tokens: int | None = field(default=None, compare=False)  # "<Parallel>" .. "</Parallel>"
 
@@ -79,20 +83,73 @@ class Block:
     def gap(self, name: str) -> str:
         return dict(self.spacing).get(name, _CANON[name])
 
+    def gaps(self, name: str, count: int) -> list[str]:
+        """Whitespace after each of ``count`` repeated parts ("after_outline", "between_threads"): the block-wide
+        value unless a ``"name k"`` entry overrides part k (lenient parses whose gaps differ, see `encode_spacing`).
+
+        >>> Block.from_plan(["a", "b"], ["x", "y"]).gaps("after_outline", 2)
+        ['\\n', '\\n']
+        """
+        spacing = dict(self.spacing)
+        common = spacing.get(name, _CANON[name])
+        return [spacing.get(f"{name} {k}", common) for k in range(1, count + 1)]
+
     @property
     def canonical(self) -> bool:
-        return all(v == _CANON[k] for k, v in self.spacing)
+        return all(v == _CANON[k.split(" ")[0]] for k, v in self.spacing)
 
     def head(self) -> str:
         """``<Parallel>`` .. ``</Outlines>``: what the sequential call before the fork generates."""
-        outl = "".join(o.render() + self.gap("after_outline") for o in self.outlines)
+        after = self.gaps("after_outline", len(self.outlines))
+        outl = "".join(o.render() + g for o, g in zip(self.outlines, after))
         return (PARALLEL_OPEN + self.gap("after_parallel") + OUTLINES_OPEN
                 + self.gap("after_outlines_open") + outl + OUTLINES_CLOSE)
 
     def render(self) -> str:
-        threads = self.gap("between_threads").join(t.render() for t in self.threads)
+        between = self.gaps("between_threads", len(self.threads) - 1) + [""]
+        threads = "".join(t.render() + g for t, g in zip(self.threads, between))
         return (self.head() + self.gap("after_outlines_close") + threads
                 + self.gap("after_threads") + PARALLEL_CLOSE)
+
+
+def encode_spacing(gaps: dict[str, str | list[str]]) -> tuple[tuple[str, str], ...]:
+    """`Block.spacing` from the whitespace found at each structural position (a list for repeated ones).
+
+    Only non-canonical values are kept, in `_CANON` order. A repeated position stores its last non-canonical value
+    once, plus a ``"name k"`` entry for each part k whose gap differs from it, so that lenient parse + render gives
+    back the input exactly (docs/design.md §4).
+
+    >>> encode_spacing({**_CANON, "after_outline": ["", "\\n", ""], "between_threads": []})
+    (('after_outline', ''), ('after_outline 2', '\\n'))
+    """
+    out: list[tuple[str, str]] = []
+    for name, canon in _CANON.items():
+        found = gaps[name]
+        if isinstance(found, str):
+            out.extend([(name, found)] if found != canon else [])
+            continue
+        common = next((g for g in reversed(found) if g != canon), canon)
+        if common != canon:
+            out.append((name, common))
+        out.extend((f"{name} {k}", g) for k, g in enumerate(found, 1) if g != common)
+    return tuple(out)
+
+
+def merge_texts(items: list[Text | Block]) -> list[Text | Block]:
+    """Adjacent texts as one, joined once (adding them pairwise copies the text over and over).
+
+    >>> merge_texts([Text("a", 1), Text("b", 2), Block.from_plan(["x"], ["y"]), Text("c")])[0]
+    Text(text='ab', n_tokens=3)
+    """
+    out: list[Text | Block] = []
+    for is_text, group in groupby(items, key=lambda it: isinstance(it, Text)):
+        if not is_text:
+            out.extend(group)
+            continue
+        texts = list(group)
+        counts = [t.n_tokens for t in texts]
+        out.append(Text("".join(t.text for t in texts), None if None in counts else sum(counts)))
+    return out
 
 
 @dataclass(frozen=True)
@@ -118,6 +175,9 @@ class Trajectory:
 def extract_boxed(text: str) -> str | None:
     """Last brace-matched ``\\boxed{...}`` after the last ``</think>``.
 
+    Braces are matched once, left to right with a stack, so a tail of many unclosed boxes costs linear time
+    (scanning forward from each box in turn would be quadratic).
+
     >>> extract_boxed("<think>\\n\\\\boxed{1}</think>\\n\\n\\\\boxed{12}")
     '12'
     """
@@ -125,14 +185,20 @@ def extract_boxed(text: str) -> str | None:
     if cut < 0:
         return None
     tail = text[cut + len(THINK_CLOSE):]
+    first = tail.find(BOXED)
+    if first < 0:
+        return None
+    closing, opened = {}, []
+    for m in _BRACE_RE.finditer(tail, first):
+        if m.group() == "{":
+            opened.append(m.start())
+        elif opened:
+            closing[opened.pop()] = m.start()
     start = tail.rfind(BOXED)
     while start >= 0:
-        depth, i = 1, start + len(BOXED)
-        while i < len(tail) and depth:
-            depth += {"{": 1, "}": -1}.get(tail[i], 0)
-            i += 1
-        if depth == 0:
-            return tail[start + len(BOXED): i - 1]
+        brace = start + len(BOXED) - 1
+        if brace in closing:
+            return tail[brace + 1: closing[brace]]
         start = tail.rfind(BOXED, 0, start)
     return None
 

@@ -33,6 +33,7 @@ import hashlib
 import json
 import re
 import threading
+import warnings
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
@@ -40,12 +41,10 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Callable, Protocol, Sequence
 
-import httpx
-from tqdm.auto import tqdm
-
 from ..engines import EngineError, Request, Sampling
-from ..engines.openai import post_with_retries
+from ..engines.openai import first_choice, http_client, json_object, post_with_retries
 from ..files import atomic_write_json
+from ..show import progress as progress_bar
 
 Messages = list[dict]
 OnReply = Callable[[int, str], None]
@@ -120,14 +119,57 @@ class EngineChat:
         return out
 
 
-class HTTPChat:
-    """``POST {base_url}/v1/chat/completions`` of an OpenAI-compatible server.
+def answer_problem(answer) -> str | None:
+    """What makes ``answer`` unfit to be an answer (and a cache entry), or None for a good one.
 
-    ``HTTPChat("https://api.example.com", "some-model", api_key=key)``; nothing is read from the
-    environment. Timeouts, 429 and 5xx answers and dropped connections are retried with
-    exponential backoff; other 4xx answers fail at once. ``extra_body`` is merged into every
-    request (e.g. ``{"reasoning_effort": "low"}``); ``max_tokens_field`` renames ``max_tokens``
-    for APIs that want ``max_completion_tokens``.
+    A lone surrogate survives JSON but no UTF-8 encoder: cached, it would break every later run.
+
+    >>> answer_problem("fine"), answer_problem(3)
+    (None, 'is int, not a string')
+    >>> print(answer_problem("ab" + chr(0xD800)))
+    is not valid Unicode (lone surrogate '\\ud800' at position 2)
+    """
+    if not isinstance(answer, str):
+        return f"is {type(answer).__name__}, not a string"
+    try:
+        answer.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return f"is not valid Unicode (lone surrogate {answer[e.start]!r} at position {e.start})"
+    return None
+
+
+def chat_answer(payload: dict, max_tokens: int) -> str:
+    """The text of a ``/v1/chat/completions`` answer, checked; a null content (a refusal) is the empty answer.
+    A server whose ``usage.completion_tokens`` exceeds ``max_tokens`` ignored the budget: refused too.
+
+    >>> chat_answer({"choices": [{"message": {"role": "assistant", "content": "hi"}}]}, 8)
+    'hi'
+    """
+    usage = payload.get("usage")
+    used = usage.get("completion_tokens") if isinstance(usage, dict) else None
+    if type(used) is int and used > max_tokens:
+        raise EngineError(f"usage.completion_tokens is {used} for max_tokens={max_tokens}")
+    message = first_choice(payload).get("message")
+    if not isinstance(message, dict):
+        raise EngineError(f"choices[0].message must be an object, got {message!r:.80}")
+    content = message.get("content")
+    if content is None:  # a refusal or an empty message is an answer too; the caller judges it
+        return ""
+    if problem := answer_problem(content):
+        raise EngineError(f"choices[0].message.content {problem}")
+    return content
+
+
+class HTTPChat:
+    """``POST {base_url}/v1/chat/completions`` of an OpenAI-compatible server (docs/design.md §9, stage 1).
+
+    ``HTTPChat("https://api.example.com", "some-model", api_key=key)``; the caller reads the key (notebook
+    01b: from the environment variable ``llm_api_key_env`` names); it is sent as a bearer token and shown in
+    no repr or error. Each attempt of a request has a wall-clock deadline of ``timeout_s``; timeouts, 429 and
+    5xx answers, dropped connections and bodies that are not JSON are retried ``retries`` times with
+    exponential backoff; other 4xx answers and malformed answers (`chat_answer`) fail at once, as
+    `EngineError`. ``extra_body`` is merged into every request (e.g. ``{"reasoning_effort": "low"}``);
+    ``max_tokens_field`` renames ``max_tokens`` for APIs that want ``max_completion_tokens``.
     """
 
     def __init__(self, base_url: str, model: str, api_key: str | None = None, concurrency: int = 4,
@@ -135,16 +177,20 @@ class HTTPChat:
                  extra_body: dict | None = None, max_tokens_field: str = "max_tokens"):
         if not base_url or not model:
             raise ValueError("HTTPChat needs a base_url and a model name")
-        if concurrency < 1 or retries < 0 or timeout_s <= 0:
-            raise ValueError("need concurrency >= 1, retries >= 0 and timeout_s > 0")
+        if concurrency < 1 or retries < 0 or not timeout_s > 0 or backoff_s < 0:
+            raise ValueError("need concurrency >= 1, retries >= 0, timeout_s > 0 and backoff_s >= 0")
         self.url = base_url.rstrip("/") + ("" if base_url.rstrip("/").endswith("/v1") else "/v1") + "/chat/completions"
         self.model, self.concurrency, self.retries, self.backoff_s = model, concurrency, retries, backoff_s
+        self.timeout_s = float(timeout_s)
         self.extra_body, self.max_tokens_field = dict(extra_body or {}), max_tokens_field
         extras = json.dumps(self.extra_body, sort_keys=True) if self.extra_body else ""
         self.model_id = model + (f"|{extras}" if extras else "")
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self.client = httpx.Client(timeout=httpx.Timeout(timeout_s, connect=min(timeout_s, 10.0)), headers=headers,
-                                   limits=httpx.Limits(max_connections=concurrency))
+        self.client = http_client(concurrency, api_key)
+
+    def __repr__(self) -> str:
+        key = "set" if "authorization" in self.client.headers else "none"
+        return (f"HTTPChat({self.url!r}, model_id={self.model_id!r}, timeout_s={self.timeout_s:g}, "
+                f"retries={self.retries}, api_key={key})")
 
     def close(self) -> None:
         self.client.close()
@@ -152,16 +198,9 @@ class HTTPChat:
     def chat(self, messages: Messages, max_tokens: int, temperature: float) -> str:
         body = {"model": self.model, "messages": check_messages(messages), self.max_tokens_field: int(max_tokens),
                 "temperature": float(temperature)} | self.extra_body
-
-        def read(response) -> str:
-            try:
-                content = response.json()["choices"][0]["message"].get("content")
-            except (ValueError, KeyError, IndexError, TypeError, AttributeError):
-                raise EngineError(f"{self.url} answered without choices[0].message: {response.text[:300]}") from None
-            # A refusal or an empty message is an answer too; the caller judges it.
-            return content or ""
-
-        return post_with_retries(self.client, self.url, body, self.retries, self.backoff_s, read)
+        return post_with_retries(self.client, self.url, body, self.retries, self.backoff_s,
+                                 lambda response: chat_answer(json_object(response), int(max_tokens)),
+                                 timeout_s=self.timeout_s)
 
     def chat_batch(self, conversations: Sequence[Messages], max_tokens: int, temperature: float,
                    on_reply: OnReply | None = None) -> list[str]:
@@ -184,22 +223,29 @@ class HTTPChat:
 
 # --------------------------------------------------------------------------------------- cache
 def cache_key(model_id: str, messages: Messages, max_tokens: int, temperature: float) -> str:
-    """sha256 of everything that decides an answer.
+    """sha256 of everything that decides an answer; any text hashes, a lone surrogate included.
 
     >>> cache_key("m", [{"role": "user", "content": "hi"}], 8, 0.0) == cache_key("m", [{"role": "user", "content": "hi"}], 8, 0)
     True
     """
     payload = {"model": model_id, "messages": check_messages(messages), "max_tokens": int(max_tokens),
                "temperature": float(temperature)}
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+    # surrogatepass: the same bytes as UTF-8 for valid text (keys unchanged), and no crash on a lone surrogate.
+    text = json.dumps(payload, sort_keys=True, ensure_ascii=False)
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+class CacheWarning(UserWarning):
+    """A cache entry could not be used (unreadable, not JSON, or a bad answer); it counts as a miss."""
 
 
 class CachedChat:
-    """Every answer of ``llm`` stored as ``<folder>/<key[:2]>/<key>.json`` (atomic writes).
+    """Every answer of ``llm`` stored as ``<folder>/<key[:2]>/<key>.json`` (atomic writes; docs/design.md §9).
 
-    ``calls`` counts requests sent to ``llm``, ``hits`` answers read from disk. In `chat_batch`
-    each answer is stored as soon as it arrives, and misses go out in chunks of ``batch_size``, so
-    a crash loses at most the requests in flight.
+    ``calls`` counts requests sent to ``llm``, ``hits`` answers read from disk, ``corrupt`` entries found
+    unusable (each reported as a `CacheWarning` naming the file, then asked again and overwritten). In
+    `chat_batch` each answer is stored as soon as it arrives, and misses go out in chunks of ``batch_size``,
+    so a crash loses at most the requests in flight. An answer that is not a valid string is never stored.
     """
 
     def __init__(self, llm: ChatLLM, folder: str | Path, batch_size: int = 64):
@@ -211,24 +257,36 @@ class CachedChat:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.llm, self.folder, self.batch_size = llm, Path(folder), batch_size
         self.model_id = llm.model_id
-        self.calls = self.hits = 0
+        self.calls = self.hits = self.corrupt = 0
         self._lock = threading.Lock()
 
     def path(self, key: str) -> Path:
         return self.folder / key[:2] / f"{key}.json"
 
     def lookup(self, key: str) -> str | None:
+        """The stored answer, or None: no entry, or one that cannot be used (warned about and counted)."""
         path = self.path(key)
-        if not path.exists():
-            return None
         try:
-            return json.loads(path.read_text(encoding="utf-8"))["response"]
-        except (ValueError, KeyError, TypeError) as e:
-            raise ValueError(f"LLM cache file {path} is unreadable ({e}); delete it to ask again") from None
+            entry = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as e:  # ValueError: not UTF-8 or not JSON (a torn or foreign file)
+            return self._unusable(path, f"{type(e).__name__}: {e}")
+        response = entry.get("response") if isinstance(entry, dict) else None
+        if problem := answer_problem(response):
+            return self._unusable(path, f"its response {problem}")
+        return response
+
+    def _unusable(self, path: Path, why: str) -> None:
+        with self._lock:
+            self.corrupt += 1
+        warnings.warn(f"LLM cache file {path} is unusable ({why:.200}); asking the LLM again", CacheWarning,
+                      stacklevel=4)
+        return None
 
     def store(self, key: str, messages: Messages, max_tokens: int, temperature: float, response: str) -> None:
-        if not isinstance(response, str):
-            raise TypeError(f"{type(self.llm).__name__} answered {type(response).__name__}, not str")
+        if problem := answer_problem(response):
+            raise EngineError(f"{type(self.llm).__name__} answered a reply that {problem}; it was not cached")
         atomic_write_json(self.path(key), {"model": self.model_id, "max_tokens": max_tokens,
                                            "temperature": temperature, "messages": messages, "response": response})
 
@@ -270,7 +328,7 @@ class CachedChat:
         return out  # type: ignore[return-value]
 
     def counters(self) -> dict:
-        return {"llm_calls": self.calls, "cache_hits": self.hits}
+        return {"llm_calls": self.calls, "cache_hits": self.hits, "cache_corrupt": self.corrupt}
 
 
 # ------------------------------------------------------------------- questions with retries
@@ -345,7 +403,7 @@ def ask_all(llm, questions: Sequence[Question], max_retries: int, max_tokens: in
     round) up to ``max_retries`` times; returns the count of malformed answers per reason."""
     malformed: Counter = Counter()
     pending = list(questions)
-    with tqdm(total=0, desc=desc, disable=not progress or not questions) as bar:
+    with progress_bar(0, desc, unit="answer", disable=not progress or not questions) as bar:
         for _ in range(max_retries + 1):
             if not pending:
                 break
@@ -366,5 +424,5 @@ def ask_all(llm, questions: Sequence[Question], max_retries: int, max_tokens: in
     return malformed
 
 
-__all__ = ["ChatLLM", "EngineChat", "HTTPChat", "CachedChat", "cache_key", "chat_batch", "check_messages",
-           "Malformed", "prompt", "json_list", "Question", "ask_all"]
+__all__ = ["ChatLLM", "EngineChat", "HTTPChat", "CachedChat", "CacheWarning", "cache_key", "answer_problem", "chat_answer",
+           "chat_batch", "check_messages", "Malformed", "prompt", "json_list", "Question", "ask_all"]

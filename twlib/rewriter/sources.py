@@ -11,18 +11,22 @@ root; anything else is handed to ``from_pretrained`` as is (a hub id).
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
 from transformers import AutoTokenizer
 
-from ..config import STAGE_CONFIGS, RewritingConfig
+from ..config import STAGE_CONFIGS, ConfigError, RewritingConfig
 from ..engines import Request
 from ..engines.local import make_engine
 from ..grading import grade
+from ..show import progress
 from ..tokenizer import prompt_ids
 from .chat import EngineChat, HTTPChat
+from .stage1 import run_stage1
+from .steps import Stage1Settings
 
 
 def model_id(engine: str, model: str) -> str:
@@ -51,12 +55,31 @@ def _local_engine(kind: str, path: str):
     return make_engine(kind, path, tokenizer.eos_token_id, dtype=dtype), tokenizer
 
 
+def api_key(cfg: RewritingConfig, environ=os.environ) -> str | None:
+    """The endpoint's key, read now from the environment variable ``cfg.llm_api_key_env`` names (docs/design.md §10);
+    None when it names none. A named variable that is unset or empty is an error naming the variable (never a value).
+
+    >>> api_key(RewritingConfig(profile="p", llm_api_key_env="MY_KEY"), {"MY_KEY": "secret"})
+    'secret'
+    """
+    name = cfg.llm_api_key_env
+    if not name:
+        return None
+    key = environ.get(name, "").strip()
+    if not key:
+        raise ConfigError(f"{cfg.stage}: llm_api_key_env names the environment variable {name}, which is "
+                          f"{'empty' if name in environ else 'not set'}; export {name}=<your key> before running "
+                          "(the key is read from there only, and written nowhere)")
+    return key
+
+
 def make_llm(cfg: RewritingConfig, run):
     """The chat model of ``cfg`` (`twlib.rewriter.chat.ChatLLM`): a local model through the HF or vLLM engine, or
-    an OpenAI-compatible ``/v1/chat/completions`` endpoint (URL and key from the params file)."""
+    an OpenAI-compatible ``/v1/chat/completions`` endpoint (URL from the params file, key from the environment
+    variable ``llm_api_key_env`` names, each request attempt bounded by ``llm_timeout_s``, ``llm_retries`` retries)."""
     if cfg.llm_engine == "endpoint":
-        return HTTPChat(cfg.llm_base_url, cfg.llm_model, api_key=cfg.llm_api_key or None,
-                        max_tokens_field=cfg.llm_max_tokens_field)
+        return HTTPChat(cfg.llm_base_url, cfg.llm_model, api_key=api_key(cfg), timeout_s=cfg.llm_timeout_s,
+                        retries=cfg.llm_retries, max_tokens_field=cfg.llm_max_tokens_field)
     engine, tokenizer = _local_engine(cfg.llm_engine, resolve_model(run, cfg.llm_model))
     return EngineChat(engine, tokenizer, model_id(cfg.llm_engine, cfg.llm_model))
 
@@ -93,6 +116,28 @@ def traces(cfg: RewritingConfig, run, train_ds, progress: Callable[[int], None] 
         return rows
     engine, tokenizer = _local_engine(cfg.trace_engine, resolve_model(run, cfg.trace_model))
     return generate_traces(engine, tokenizer, rows, cfg.trace_max_new_tokens, progress)
+
+
+def stage_traces(cfg: RewritingConfig, run, train_ds) -> list[dict]:
+    """Notebook 01b's sequential traces (`traces`), with a progress bar, once per run (a re-opened run, or a
+    resumed one, does not write them again)."""
+    def make() -> list[dict]:
+        with progress(cfg.n_traces, "traces") as bar:
+            return traces(cfg, run, train_ds, bar.update)
+
+    return run.once("traces", make)
+
+
+def rewrite(cfg: RewritingConfig, run, trace_rows: Sequence[dict], llm) -> dict:
+    """Stage 1 over ``trace_rows`` (`twlib.rewriter.run_stage1` in ``<run>/stage1``; every LLM answer cached):
+    ``{"rows", "rejected", "report"}``, once per run."""
+    def make() -> dict:
+        with run.timer("rewrite"):
+            result = run_stage1(trace_rows, llm, run.path("stage1"), Stage1Settings.for_stage(cfg),
+                                tokenizer=getattr(llm, "tokenizer", None))
+        return {"rows": result.rows, "rejected": result.rejected, "report": result.report}
+
+    return run.once("stage1", make)
 
 
 def accepted_rows(path: str | Path) -> list[dict]:
