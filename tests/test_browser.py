@@ -101,7 +101,7 @@ def test_notebook_01_in_jupyterlab(lab, tmp_path):
         _run_all_and_save(page)
         images = page.locator(".jp-OutputArea-output img").count()
         if page.locator("text=Would you like to get notified").count():
-            page.click(".jp-Notification-Toast-Close, button:has-text('No')")
+            page.locator(".jp-Notification-Toast-Close:visible, button:has-text('No'):visible").first.click()
         page.locator(".jp-OutputArea-output img").first.scroll_into_view_if_needed()
         page.screenshot(path=str(tmp_path / "lab-notebook-01.png"))
         browser.close()

@@ -67,7 +67,7 @@ def test_parquet_round_trip(tmp_path):
     for split in dsd:
         assert back[split].to_list() == dsd[split].to_list()
         assert paths[split].endswith(f"{split}.parquet")
-    with pytest.raises(FileNotFoundError, match="run notebooks/01_trajectories.ipynb first"):
+    with pytest.raises(dataset.DatasetError, match=r"missing/train.parquet is missing: the train split .*save_parquet"):
         dataset.load_parquet(tmp_path / "missing")
 
 

@@ -157,7 +157,9 @@ SECRET = "sk-proj-abcdefghijklmnop"
 
 
 @pytest.mark.parametrize("knobs, message", [
-    ({"engine": "endpoint"}, "'base_url' must be the server's http"),
+    ({"engine": "endpoint", "base_url": "127.0.0.1:8000"}, "'base_url' must be the server's http"),
+    ({"engine": "vllm", "check_engine": "vllm"}, "'check_engine' must be empty"),
+    ({"check_engine": "sglang"}, "'check_engine' must be empty"),
     ({"engine": "endpoint", "base_url": "ftp://host"}, "'base_url' must be the server's http"),
     ({"engine": "sglang"}, "'engine' must be 'hf', 'vllm'"),
     ({"engine": "endpoint", "base_url": "http://h", "served_model": " "}, "'served_model' must name"),
@@ -210,7 +212,7 @@ def test_several_models_need_a_model_placeholder(tmp_path):
 
 # ------------------------------------------------------------------------------ a real vllm serve (engines)
 NEEDS_VLLM = pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM is not installed")
-VOLATILE = {"wall_seconds", "engine_seconds", "seconds", "started"}
+VOLATILE = {"wall_seconds", "engine_seconds", "seconds", "started", "cached_tokens", "latency_seconds"}
 KNOBS = {"max_new_tokens": 512, "max_thread_tokens": 128, "batch_size": 2}
 
 

@@ -1,5 +1,6 @@
 """P-GRPO: advantages as TRL computes them, the tree-scored loss and gradient against a unit-by-unit
 reference, rewards by hand, real training steps, resume, and guard-hitting rollouts."""
+import importlib.util
 import os
 import random
 from collections import defaultdict, deque
@@ -238,6 +239,7 @@ def test_real_policy_rollouts_through_hf_engine(tmp_path):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="needs vLLM")
 def test_vllm_colocate_rollouts_on_gpu(tmp_path):
     """TRL's colocated vLLM generates the rollouts (weights synced from the policy); one real step."""
     problems = _problems()

@@ -62,7 +62,7 @@ def test_accepted_rows_become_training_examples(tmp_path):
 
 @pytest.mark.parametrize("cls, bad, message", [
     (config.RewritingConfig, {"llm_engine": "gpt"}, "'llm_engine'"),
-    (config.RewritingConfig, {"llm_engine": "endpoint"}, "'llm_base_url'"),
+    (config.RewritingConfig, {"llm_engine": "endpoint", "llm_base_url": "127.0.0.1:8000"}, "'llm_base_url'"),
     (config.RewritingConfig, {"traces_from": "model"}, "'trace_model'"),
     (config.RewritingConfig, {"max_retries": -1}, "'max_retries'"),
     (config.SelfTrainingConfig, {"temperature": 0.0}, "'temperature'"),

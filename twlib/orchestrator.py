@@ -3,8 +3,14 @@
 Each problem moves through five phases: (1) decode sequentially until ``</Outlines>``, EOS or the
 budget; (2) read the outlines of the block just written; (3) decode one thread per outline, each
 from the block head plus ``\\n<Thread>\\nN:``; (4) join: the threads in order, each behind its header,
-then ``\\n``; (5) continue sequentially (the model writes ``</Parallel>`` itself). Every request that
-can run at once — all threads of all problems in flight — goes to the engine in one batch.
+then ``\\n``; (5) continue sequentially (the model writes ``</Parallel>`` itself).
+
+Two schedules drive that state machine (``OrchestratorConfig.schedule``). *Lockstep* (offline engines): each
+round, every request that can run at once — all threads of all problems in flight — goes to the engine in
+one batch, and every problem waits for the whole batch. *Events* (engines with sessions, i.e. servers with
+continuous batching): each problem sends its own requests (a block's threads together) and moves on as soon
+as they return, at most ``concurrency`` requests in flight (the engine's bound). Under greedy decoding both
+write the same tokens; results, records and statistics have the same form.
 
 The joined ids are exactly the main path trie-SFT trains on (`twlib.trie.units`), so a trained model
 sees at inference the contexts it was trained in. Malformed output never stops the loop: every
@@ -16,19 +22,22 @@ call, ``Result.calls == [CallRecord(kind="sequential", ...)]``, critical path = 
 """
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import re
 import time
-from collections import Counter
+from collections import Counter, deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Literal, Sequence
 
 from . import format as fmt
 from .config import OrchestratorLimits
-from .engines import GREEDY, Completion, Engine, Request, Sampling
+from .engines import GREEDY, Completion, Engine, Request, Sampling, has_sessions
 from .trie import Unit
 
 Phase = Literal["sequential", "threads", "done"]
+SCHEDULES = ("auto", "lockstep", "events")  # auto: events when the engine has sessions, else lockstep
 _OUTLINE_NUMBER = re.compile(r"\s*(\d+)\s*:")
 
 # Flag names (the keys of Result.flags).
@@ -50,16 +59,22 @@ FLAGS = (
 class OrchestratorConfig(OrchestratorLimits):
     """Guards of docs/design.md §6 (the limits group, checked once there), the context length and sampling.
 
-    Budgets count response tokens, orchestrator-inserted ones included.
+    Budgets count response tokens, orchestrator-inserted ones included. ``schedule`` picks how problems
+    advance (module docstring); ``max_active`` bounds the problems decoded at once (0: all given to ``run``),
+    a finished one letting the next one in, in either schedule.
     """
     max_new_tokens: int = 4096
     max_thread_tokens: int = 1024
     max_context: int = 8192
     sampling: Sampling = GREEDY
+    schedule: str = "auto"
+    max_active: int = 0
 
     def knob_checks(self):
         yield from super().knob_checks()
         yield self.max_context >= 1, "max_context", "must be >= 1"
+        yield self.schedule in SCHEDULES, "schedule", f"must be one of {', '.join(SCHEDULES)}"
+        yield self.max_active >= 0, "max_active", "must be >= 0 (0: every problem at once)"
 
     @classmethod
     def for_stage(cls, cfg: OrchestratorLimits, max_context: int, sampling: Sampling = GREEDY) -> "OrchestratorConfig":
@@ -75,7 +90,8 @@ class OrchestratorConfig(OrchestratorLimits):
 
 @dataclass(frozen=True)
 class CallRecord:
-    """One engine call: what it was for, how long its prompt was, what came back, and the batch time."""
+    """One engine call: what it was for, how long its prompt was, what came back, and its time: the batch's
+    (lockstep), or the call's own from submission to answer, queueing in the engine included (events)."""
     kind: Literal["sequential", "thread"]
     prompt_tokens: int
     generated_tokens: int
@@ -83,7 +99,8 @@ class CallRecord:
     seconds: float
     block: int | None = None
     thread: int | None = None
-    started: float = 0.0  # when its engine batch began, in seconds since the run began (for timelines)
+    started: float = 0.0  # when its batch (or the call) began, in seconds since the run began (for timelines)
+    cached_tokens: int | None = None  # prompt tokens the engine took from its prefix cache, when it says
 
 
 @dataclass
@@ -97,7 +114,8 @@ class Result:
     flags: Counter
     stats: fmt.TrajectoryStats
     wall_seconds: float = 0.0     # the whole run's wall time (shared by the problems decoded together)
-    engine_seconds: float = 0.0   # time inside the engine batches this problem took part in
+    engine_seconds: float = 0.0   # time this problem waited on the engine: its batches (lockstep), its calls (events)
+    latency_seconds: float = 0.0  # from the problem's start (admission, see max_active) until it was done
     # Every call as ``<context, completion>`` ids, the completion exactly as the model wrote it (before
     # the orchestrator closes a thread): what RL scores (`twlib.trie.build_trie(..., main=...)`).
     units: list[Unit] = field(default_factory=list)
@@ -131,6 +149,8 @@ class _State:
     engine_seconds: float = 0.0        # wall time of the engine batches this problem took part in
     scan_from: int = 0                 # outlines are looked for after this response index
     end_after_join: bool = False
+    admitted: float = 0.0              # seconds since the run began: when decoding this problem started
+    finished: float | None = None      # ... and when it was done
 
 
 class Orchestrator:
@@ -142,6 +162,7 @@ class Orchestrator:
 
     def __init__(self, engine: Engine, tokenizer, config: OrchestratorConfig = OrchestratorConfig()):
         self.engine, self.tokenizer, self.config = engine, tokenizer, config
+        self.schedule = self._pick_schedule(engine, config.schedule)
         ids = {tag: i for i, tag in fmt.tag_id_map(tokenizer).items()}
         self.outlines_open, self.outlines_close = ids[fmt.OUTLINES_OPEN], ids[fmt.OUTLINES_CLOSE]
         self.outline_open, self.outline_close = ids[fmt.OUTLINE_OPEN], ids[fmt.OUTLINE_CLOSE]
@@ -158,7 +179,30 @@ class Orchestrator:
         """Decode every prompt to the end; ``progress(n)`` is called as problems finish."""
         t0 = time.perf_counter()
         states = [_State(list(p)) for p in prompts]
-        while active := [s for s in states if s.phase != "done"]:
+        if self.schedule == "events":
+            _run_coroutine(self._run_events(states, t0, progress))
+        else:
+            self._run_lockstep(states, t0, progress)
+        wall = time.perf_counter() - t0
+        return [self._result(s, wall) for s in states]
+
+    @staticmethod
+    def _pick_schedule(engine, schedule: str) -> str:
+        if schedule == "events" and not has_sessions(engine):
+            raise ValueError(f"schedule 'events' needs an engine with sessions (a server); {type(engine).__name__} "
+                             "has none: use 'lockstep' or 'auto'")
+        if schedule == "auto":
+            return "events" if has_sessions(engine) else "lockstep"
+        return schedule
+
+    def _run_lockstep(self, states: list[_State], t0: float, progress) -> None:
+        """Rounds: the requests of every active problem go to the engine in one batch, and all wait for it."""
+        waiting, active = deque(states), []
+        limit = self.config.max_active or len(states)
+        while waiting or active:
+            while waiting and len(active) < limit:
+                active.append(waiting.popleft())
+                active[-1].admitted = time.perf_counter() - t0
             requests, owners = [], []
             for s in active:
                 for req, meta in self._requests(s):
@@ -175,12 +219,42 @@ class Orchestrator:
                 for s in {id(s): s for s, _ in owners}.values():
                     s.engine_seconds += seconds
             for s in active:
-                if s.phase == "threads" and s.pending is not None and len(s.pending.threads) == len(s.pending.numbers):
-                    self._join(s)
-                if progress and s.phase == "done":
-                    progress(1)
-        wall = time.perf_counter() - t0
-        return [self._result(s, wall) for s in states]
+                self._advance(s, t0, progress)
+            active = [s for s in active if s.phase != "done"]
+
+    async def _run_events(self, states: list[_State], t0: float, progress) -> None:
+        """Each problem on its own: it sends its requests, absorbs them as they return, and goes on; at most
+        ``max_active`` problems at once, the engine's session bounding the requests in flight."""
+        admission = asyncio.Semaphore(self.config.max_active or max(len(states), 1))
+        async with self.engine.session() as complete:
+            async def drive(s: _State) -> None:
+                async with admission:
+                    s.admitted = time.perf_counter() - t0
+                    while s.phase != "done":
+                        await self._step(s, complete, t0)
+                        self._advance(s, t0, progress)
+            await _all_or_nothing([drive(s) for s in states])
+
+    async def _step(self, s: _State, complete, t0: float) -> None:
+        """One step of one problem: its pending requests (a sequential call, or a block's threads) sent together,
+        absorbed in request order once all are back (the order lockstep absorbs them in)."""
+        pending = self._requests(s)
+        if not pending:
+            return
+        start = time.perf_counter()
+        answers = await _all_or_nothing([_timed(complete, req) for req, _ in pending])
+        s.engine_seconds += time.perf_counter() - start
+        for (req, meta), (c, began, seconds) in zip(pending, answers):
+            self._absorb(s, meta, req, c, seconds, began - t0)
+
+    def _advance(self, s: _State, t0: float, progress) -> None:
+        """After a step: join a block whose threads are all back; note when a problem is done."""
+        if s.phase == "threads" and s.pending is not None and len(s.pending.threads) == len(s.pending.numbers):
+            self._join(s)
+        if s.phase == "done" and s.finished is None:
+            s.finished = time.perf_counter() - t0
+            if progress:
+                progress(1)
 
     def _budget(self, s: _State) -> int:
         """Tokens a call may still add: the smaller of the response budget and the context room."""
@@ -229,7 +303,7 @@ class Orchestrator:
         ids = list(c.ids)
         block_index = len(s.blocks) if thread is not None else None
         s.calls.append(CallRecord("thread" if thread is not None else "sequential", len(req.prompt), len(ids),
-                                  c.finish_reason, seconds, block_index, thread, started))
+                                  c.finish_reason, seconds, block_index, thread, started, c.cached_tokens))
         s.units.append(Unit(req.prompt, tuple(ids), "thread" if thread is not None else "sequential",
                             block_index, thread))
         if thread is not None:
@@ -339,5 +413,36 @@ class Orchestrator:
         total = len(s.response)
         stats = fmt.TrajectoryStats(total, s.sequential_tokens + longest + joins, total - parallel, parallel,
                                     len(s.blocks), tuple(threads_per_block))
+        latency = (s.finished if s.finished is not None else wall) - s.admitted
         return Result(list(s.prompt), list(s.response), text, trajectory, s.calls, s.flags, stats, wall,
-                      s.engine_seconds, s.units)
+                      s.engine_seconds, latency, s.units)
+
+
+# --------------------------------------------------------------------------- event-loop helpers
+async def _timed(complete, req: Request) -> tuple[Completion, float, float]:
+    """``complete(req)`` with when it was sent and how long it took to come back."""
+    began = time.perf_counter()
+    c = await complete(req)
+    return c, began, time.perf_counter() - began
+
+
+async def _all_or_nothing(coroutines) -> list:
+    """All results in order, or the first error once the others are cancelled (none is left running)."""
+    tasks = [asyncio.ensure_future(c) for c in coroutines]
+    try:
+        return await asyncio.gather(*tasks)
+    except BaseException:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
+
+
+def _run_coroutine(coroutine):
+    """Run ``coroutine`` to the end here, or in a thread of its own under a running event loop (Jupyter's)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coroutine)
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(asyncio.run, coroutine).result()

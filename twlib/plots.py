@@ -198,6 +198,7 @@ def rollout_fates(records, fates):
 
     plt, sns = _setup()
     df = pd.DataFrame(records)
+    df["shape"] = df["shape"].fillna("all")  # real-math problems have no shape (groupby would drop them)
     counts = df.groupby(["shape", "reason"]).size().unstack(fill_value=0)
     counts = counts[[r for r in fates if r in counts.columns]]
     fig, ax = plt.subplots(figsize=(7, 4))

@@ -34,7 +34,7 @@ from .models import context_length
 from .orchestrator import Orchestrator, OrchestratorConfig
 from .rewriter.sources import accepted_examples
 from .runs import RunFolder, is_complete
-from .sft import TrainSettings, dataset_examples, fit_rows, starting_model, train_rows
+from .sft import TrainSettings, dataset_examples, fit_rows, starting_model, train_rows, training_data, with_base_model
 from .sft import train_settings as sft_train_settings
 from .show import progress
 from .tokenizer import load_tokenizer, prompt_ids, segment_ids
@@ -186,6 +186,11 @@ class _Lazy:
         self._built = self._built or self.build()
         return self._built.run(prompts, progress)
 
+    def close(self) -> None:
+        """End the engine, if one was built (vLLM's processes would otherwise outlive the step)."""
+        if self._built is not None and hasattr(self._built.engine, "close"):
+            self._built.engine.close()
+
 
 def rollouts(cfg: SelfTrainingConfig, run: RunFolder, problems: Sequence[dict], tokenizer, sft_model: Path) -> list[dict]:
     """Notebook 03's sampled rollouts of the parallel SFT model (`roll_out` in resumable chunks under
@@ -193,9 +198,12 @@ def rollouts(cfg: SelfTrainingConfig, run: RunFolder, problems: Sequence[dict], 
     sampling = Sampling(temperature=cfg.temperature, top_p=cfg.top_p)
     lazy = _Lazy(lambda: orchestrator(cfg, sft_model, tokenizer),
                  OrchestratorConfig.for_stage(cfg, context_length(sft_model), sampling))
-    with run.timer("rollouts"), progress(len(problems) * cfg.samples_per_prompt, "rollouts") as bar:
-        records = roll_out(lazy, problems, tokenizer, cfg.samples_per_prompt, run.path("rollouts"), cfg.chunk_size,
-                           cfg.seed, bar.update)
+    try:
+        with run.timer("rollouts"), progress(len(problems) * cfg.samples_per_prompt, "rollouts") as bar:
+            records = roll_out(lazy, problems, tokenizer, cfg.samples_per_prompt, run.path("rollouts"), cfg.chunk_size,
+                               cfg.seed, bar.update)
+    finally:
+        lazy.close()
     return mark_duplicates(records)
 
 
@@ -206,8 +214,12 @@ def checks(cfg: SelfTrainingConfig, run: RunFolder, tokenizer, problems: Sequenc
     for name, path in model_paths.items():
         def evaluate_one(path=path, name=name) -> list[dict]:
             with run.timer(f"check_{name}"), progress(len(problems), name) as bar:
-                return evaluate(orchestrator(cfg, path, tokenizer, greedy=True), problems, tokenizer,
-                                progress=bar.update)
+                checker = orchestrator(cfg, path, tokenizer, greedy=True)
+                try:
+                    return evaluate(checker, problems, tokenizer, progress=bar.update)
+                finally:
+                    if hasattr(checker.engine, "close"):
+                        checker.engine.close()
         out[name] = run.once(f"check-{name}", evaluate_one) if problems else []
     return out
 
@@ -240,7 +252,7 @@ def retrain_job(cfg: SelfTrainingConfig, name: str, run: RunFolder) -> dict:
     examples = [json.loads(line) for line in lines]
     if not examples:
         raise ValueError("no examples to retrain on: no rollout was kept and no stage-1 data was merged")
-    sft_cfg = run.stage_config("02_trie_sft")
+    sft_cfg = with_base_model(run.stage_config("02_trie_sft"), run)
     sft_model = run.require_complete("02_trie_sft") / "parallel_model"
     tokenizer = load_tokenizer(sft_model)
     settings = train_settings(cfg, sft_cfg)
@@ -257,12 +269,19 @@ def fit(cfg: SelfTrainingConfig, run: RunFolder) -> dict:
 
 def stage1_examples(run, train_ds, n_synthetic: int, use_rewritten: bool, seed: int = 0) -> dict[str, list[dict]]:
     """The stage-1 data the kept rollouts are merged with, by origin: ``n_synthetic`` parallel
-    trajectories of the 01 training split (shuffled with ``seed``) and, with ``use_rewritten`` and a
-    complete `REWRITING_STAGE` in this profile, every trajectory the LLM rewriting accepted."""
+    trajectories of the 01 training split (shuffled with ``seed``) and, with ``use_rewritten``, every trajectory
+    the LLM rewriting accepted (a complete `REWRITING_STAGE` in this profile) and, when notebook 02 trained on the
+    authors' released data, those trajectories."""
+    if n_synthetic and "completion" not in train_ds.column_names:
+        raise ValueError(f"merge_synthetic is {n_synthetic}, but the 01 training split holds prompts only (real-math "
+                         "data has no parallel CoT to merge): set merge_synthetic to 0")
     shuffled = train_ds.shuffle(seed=seed)
     out = {"synthetic": dataset_examples(shuffled.select(range(min(n_synthetic, len(shuffled)))), parallel=True)}
     if use_rewritten and is_complete(run.profile_root, REWRITING_STAGE):
         out["rewritten"] = accepted_examples(run.stage_path(REWRITING_STAGE, "accepted.jsonl"))
+    sft_done = is_complete(run.profile_root, "02_trie_sft")
+    if use_rewritten and sft_done and (sft_cfg := run.stage_config("02_trie_sft")).train_data == "release":
+        out["release"] = dataset_examples(training_data(sft_cfg, run), parallel=True)
     return out
 
 

@@ -36,7 +36,16 @@ from .config import TrieSFTConfig
 from .dataset import load_parquet
 from .files import replace_dir
 from .masks import ancestor_block_mask, collate, row_tensors
-from .models import build_tiny_model, load_model, model_spec, pretrained_for, pretrained_tokenizer, save_model
+from .models import (
+    build_tiny_model,
+    load_model,
+    load_pretrained,
+    model_spec,
+    pretrained_for,
+    pretrained_tokenizer,
+    resolve_model,
+    save_model,
+)
 from .rewriter.sources import accepted_rows
 from .runs import RunFolder
 from .show import quiet_trainer
@@ -323,8 +332,31 @@ def train_model(kind: str, cfg: TrieSFTConfig, tokenizer, train_ds, run, base_mo
 def stage_tokenizer(cfg: TrieSFTConfig, run):
     """Notebook 02's tokenizer: ``base_model``'s with the tags added, else notebook 01's tiny one."""
     if cfg.base_model:
-        return pretrained_tokenizer(cfg.base_model)
+        return pretrained_tokenizer(resolve_model(run, cfg.base_model))
     return load_tokenizer(run.require_complete("01_trajectories") / "tokenizer")
+
+
+def with_base_model(cfg: TrieSFTConfig, run) -> TrieSFTConfig:
+    """``cfg`` with ``base_model`` as ``from_pretrained`` takes it: a folder of the profile's outputs or the project,
+    the stand-in (built when missing), or a hub id (`twlib.models.resolve_model`)."""
+    return replace(cfg, base_model=resolve_model(run, cfg.base_model)) if cfg.base_model else cfg
+
+
+def base_baseline(cfg: TrieSFTConfig, run) -> dict:
+    """Without a sequential model to train (``train_sequential`` off, e.g. on the released data, which holds parallel
+    trajectories only) but with a pretrained ``base_model``, the base model itself, tags added and not trained,
+    is the sequential baseline of notebooks 04 and 05: saved once as ``<run>/sequential_model``. Returns
+    ``{"sequential": record}`` in `fit`'s form (no log, nothing trained), or ``{}``."""
+    if cfg.train_sequential or not cfg.base_model:
+        return {}
+
+    def save() -> dict:
+        model, tokenizer = load_pretrained(resolve_model(run, cfg.base_model), dtype=cfg.model_dtype)
+        path = save_model(model, tokenizer, run.path("sequential_model"), overwrite=True)
+        return {"log": [], "model_path": str(path), "parameters": parameter_count(model), "rows": 0,
+                "trained_tokens": 0, "trajectories": 0, "trained": False}
+
+    return {"sequential": run.once("base_baseline", save)}
 
 
 def training_data(cfg: TrieSFTConfig, run) -> Dataset:
@@ -351,7 +383,7 @@ def sft_job(cfg: TrieSFTConfig, name: str, run: RunFolder) -> dict:
     the training data of the same profile, then `train_model`."""
     if name not in MODELS:
         raise ValueError(f"the SFT model is 'parallel' or 'sequential', got {name!r}")
-    return train_model(name, cfg, stage_tokenizer(cfg, run), training_data(cfg, run), run)
+    return train_model(name, with_base_model(cfg, run), stage_tokenizer(cfg, run), training_data(cfg, run), run)
 
 
 def fit(cfg: TrieSFTConfig, name: str, run: RunFolder) -> dict:

@@ -12,6 +12,7 @@ True
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import warnings
 from typing import Any
@@ -51,6 +52,8 @@ def quiet() -> None:
         pass
     for name in ("vllm", "accelerate", "torch.distributed"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    # vLLM's engine processes log to the kernel's stderr (the pipeline's terminal) from their own loggers.
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
     warnings.filterwarnings("ignore", message=r".*TRL currently supports vLLM.*")
     warnings.filterwarnings("ignore", message=r".*experimental.*", module=r"trl\..*")
 

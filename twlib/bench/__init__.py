@@ -28,12 +28,21 @@ run on the same rows of the profile's training data (both models): seconds per s
 the first logged losses of each precision, and the seconds to build and pack the tries (needs notebook
 01's data).
 
-``gpu``: trie-SFT tokens/s and peak memory at 8k and 32k tokens, flex ``BlockMask`` vs dense mask,
+``gpu``: trie-SFT tokens/s and peak memory at 8k, 32k and 64k tokens, flex ``BlockMask`` vs dense mask,
 and HF-engine wall-clock speedup of parallel vs sequential decoding (`twlib.bench.gpu`).
 
 ``data``: per task family (and per shape): examples, mean sequential vs parallel tokens, mean
 critical path, mean ideal speedup (sequential total / parallel critical path), activation rate,
 and segment-wise tokenisation drift with the tiny tokenizer and with the Qwen vocabulary.
+
+``load``: the sequential (02) and P-GRPO (04) models of the profile, each behind ``vllm serve`` (CPU build,
+prefix caching), driven with the test problems at 1, 2, 4, 8 and 16 problems in flight, lockstep vs
+event-driven: throughput, latency p50/p95, accuracy, tokens, and the prefix-cache share of every thread
+call against the block-granularity maximum, with target verdicts, a table and a latency-vs-throughput
+figure (`twlib.bench.load`; ``--concurrency``, ``--problems``).
+
+A benchmark module may define ``add_arguments(parser)`` for options of its own; they are passed to its
+``run`` as keyword arguments.
 """
 from __future__ import annotations
 
@@ -43,7 +52,7 @@ import json
 
 from ..config import load_profile
 
-BENCHES = ("data", "trie", "induction", "orchestrator", "rl", "sft", "gpu")
+BENCHES = ("data", "trie", "induction", "orchestrator", "rl", "sft", "gpu", "load")
 
 
 def benchmark(name: str):
@@ -54,12 +63,19 @@ def benchmark(name: str):
 
 
 def main(argv: list[str] | None = None) -> int:
+    first = argparse.ArgumentParser(add_help=False)
+    first.add_argument("name", nargs="?")
+    name = first.parse_known_args(argv)[0].name
     parser = argparse.ArgumentParser(prog="python -m twlib.bench", description=__doc__.splitlines()[0])
     parser.add_argument("name", choices=BENCHES)
     parser.add_argument("--params", required=True, help="params/<profile>.yaml")
-    args = parser.parse_args(argv)
-    profile = load_profile(args.params)
-    for record in benchmark(args.name)(profile):
+    if name in BENCHES:  # the benchmark's own options, if it has any
+        module = importlib.import_module(f"{__name__}.{name}")
+        if hasattr(module, "add_arguments"):
+            module.add_arguments(parser.add_argument_group(f"{name} options"))
+    args = vars(parser.parse_args(argv))
+    profile = load_profile(args.pop("params"))
+    for record in benchmark(args.pop("name"))(profile, **args):
         print(json.dumps(record), flush=True)
     return 0
 

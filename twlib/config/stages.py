@@ -228,7 +228,9 @@ class TrieSFTConfig(LaunchKnobs, StageConfig):
 class EvaluationConfig(OrchestratorLimits, StageConfig):
     """Parameters of notebooks/05_evaluation.ipynb (engine, test problems, sampling, orchestrator guards). ``engine:
     endpoint`` decodes through an OpenAI-compatible server (docs/design.md §6); ``{model}`` in ``base_url`` or
-    ``served_model`` becomes each model's name; the key is read from the variable ``api_key_env`` names (§10).
+    ``served_model`` becomes each model's name; the key is read from the variable ``api_key_env`` names (§10); an
+    empty ``base_url`` has the kit serve each model itself. ``check_engine`` decodes the parallel model once more on
+    another engine, to compare.
 
     >>> EvaluationConfig.from_dict({"profile": "p", "engine": "endpoint", "base_url": "http://127.0.0.1:8000"}).served_model
     '{model}'
@@ -237,6 +239,7 @@ class EvaluationConfig(OrchestratorLimits, StageConfig):
     stage: ClassVar[str] = "05_evaluation"
 
     engine: str = "hf"
+    check_engine: str = ""
     base_url: str = ""
     served_model: str = "{model}"
     api_key_env: str = ""
@@ -258,8 +261,11 @@ class EvaluationConfig(OrchestratorLimits, StageConfig):
     def validate(self) -> None:
         self._check(self.engine in ("hf", "vllm", "endpoint"), "engine", "must be 'hf', 'vllm' or 'endpoint' (a server)")
         self._check_secrets()
-        self._check(self.base_url.startswith(("http://", "https://")) or not (self.base_url or self.engine == "endpoint"),
-                    "base_url", "must be the server's http(s) URL (e.g. http://127.0.0.1:8000) when engine is 'endpoint'")
+        self._check(self.base_url.startswith(("http://", "https://")) or not self.base_url, "base_url",
+                    "must be the server's http(s) URL (e.g. http://127.0.0.1:8000), or empty (with engine 'endpoint': the "
+                    "kit serves each model itself with a local `vllm serve`)")
+        self._check(self.check_engine in ("", "hf", "vllm", "endpoint") and self.check_engine != self.engine,
+                    "check_engine", "must be empty (no check) or an engine other than 'engine' ('hf', 'vllm', 'endpoint')")
         for name in ("base_url", "served_model"):
             self._check(not set("{}") & set(getattr(self, name).replace("{model}", "")), name,
                         "may hold {model} (the evaluated model's name) and no other {...} field")
@@ -417,9 +423,10 @@ class RewritingConfig(StageConfig):
                     "must be 'hf' or 'vllm' (a local model) or 'endpoint' (an OpenAI-compatible chat endpoint)")
         self._check(bool(self.llm_model.strip()), "llm_model", "must name a model (a folder, a hub id, or the "
                     "model an endpoint serves)")
-        if self.llm_engine == "endpoint":
-            self._check(self.llm_base_url.startswith(("http://", "https://")), "llm_base_url",
-                        "must be the endpoint's http(s) URL when llm_engine is 'endpoint'")
+        if self.llm_engine == "endpoint":  # no URL: the kit serves llm_model itself with a local `vllm serve`
+            self._check(self.llm_base_url.startswith(("http://", "https://")) or not self.llm_base_url, "llm_base_url",
+                        "must be the endpoint's http(s) URL, or empty (the kit serves llm_model locally), when "
+                        "llm_engine is 'endpoint'")
         self._check_key_env()
         self._check(0 < self.llm_timeout_s < float("inf"), "llm_timeout_s",
                     "must be a finite number of seconds > 0 (the wall-clock limit of one request attempt)")

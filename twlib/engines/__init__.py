@@ -1,9 +1,10 @@
 """Inference engines behind the fork-join orchestrator (docs/design.md §6).
 
-An engine turns a batch of token-id requests into completions. The orchestrator submits every
-request that can run at the same time (all threads of all problems in flight) in one call, so an
-engine can batch them and share their common prefix. Everything here is pure Python; engines
-that need torch, vLLM or HTTP import them in their own modules.
+An engine turns a batch of token-id requests into completions. In the lockstep schedule the orchestrator
+submits every request that can run at the same time (all threads of all problems in flight) in one call,
+so an engine can batch them and share their common prefix; an engine with sessions (`SessionEngine`, a
+server) also completes requests one at a time as awaitables, for the event-driven schedule. Everything
+here is pure Python; engines that need torch, vLLM or HTTP import them in their own modules.
 
 >>> r = Request(prompt=(1, 2, 3), max_new_tokens=4, stop_ids=(9,))
 >>> Completion(ids=(5, 9), finish_reason="stop").ids[-1] in r.stop_ids
@@ -11,8 +12,8 @@ True
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal, Protocol, Sequence
+from dataclasses import dataclass, field
+from typing import AsyncContextManager, Awaitable, Callable, Literal, Protocol, Sequence
 
 FinishReason = Literal["stop", "eos", "length"]
 
@@ -56,9 +57,15 @@ class Request:
 
 @dataclass(frozen=True)
 class Completion:
-    """Generated ids and why generation ended: a stop id, EOS, or the token limit."""
+    """Generated ids and why generation ended: a stop id, EOS, or the token limit.
+
+    ``cached_tokens``: prompt tokens the engine took from its prefix cache, when it says (a server's
+    ``usage.prompt_tokens_details.cached_tokens``); not part of equality, so completions of different
+    engines still compare by their tokens.
+    """
     ids: tuple[int, ...]
     finish_reason: FinishReason
+    cached_tokens: int | None = field(default=None, compare=False, repr=False)
 
 
 class EngineError(RuntimeError):
@@ -72,6 +79,29 @@ class Engine(Protocol):
 
     def generate(self, requests: Sequence[Request]) -> list[Completion]:
         ...
+
+
+class SessionEngine(Engine, Protocol):
+    """An engine that can also complete one request at a time, as an awaitable, so that each problem of the
+    orchestrator's event-driven schedule (docs/design.md §6) moves on as soon as its own requests return.
+
+    ``async with engine.session() as complete: c = await complete(request)``; the engine bounds the requests
+    in flight across the session (at most ``concurrency``).
+    """
+
+    concurrency: int
+
+    def session(self) -> AsyncContextManager[Callable[[Request], Awaitable[Completion]]]:
+        ...
+
+
+def has_sessions(engine) -> bool:
+    """Whether ``engine`` offers `SessionEngine.session` (what the event-driven schedule needs).
+
+    >>> has_sessions(object())
+    False
+    """
+    return callable(getattr(engine, "session", None))
 
 
 def finish_reason(ids: Sequence[int], stop_ids: Sequence[int], eos_token_id: int) -> FinishReason:
@@ -88,4 +118,4 @@ def finish_reason(ids: Sequence[int], stop_ids: Sequence[int], eos_token_id: int
 
 
 __all__ = ["VLLM_CPU_HEAD_DIMS", "Sampling", "GREEDY", "Request", "Completion", "Engine", "EngineError", "FinishReason",
-           "finish_reason"]
+           "SessionEngine", "has_sessions", "finish_reason"]

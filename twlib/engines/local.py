@@ -15,9 +15,10 @@ import os
 from pathlib import Path
 from typing import Mapping
 
-from ..models import load_model
+from ..models import context_length, load_model
 from .hf import HFEngine
 from .openai import OpenAIEngine
+from .server import VLLMServer
 
 ENGINES = ("hf", "vllm")
 
@@ -65,3 +66,13 @@ def endpoint_engine(base_url: str, model: str, eos_token_id: int, api_key_env: s
         raise ValueError("base_url must be an http(s) URL, such as http://127.0.0.1:8000")
     return OpenAIEngine(base_url, model, eos_token_id, concurrency=concurrency, timeout_s=timeout_s, retries=retries,
                         api_key=api_key(api_key_env, environ))
+
+
+def local_server(model_path: str | Path, model_name: str, dtype: str = "float32", max_model_len: int | None = None,
+                 startup_timeout_s: float = 600.0) -> VLLMServer:
+    """A `VLLMServer` (not started) for a model the kit serves itself under ``model_name``: notebook 01b's rewriting
+    LLM and notebook 05's endpoint when no URL is given. Weights in ``dtype``; the model's whole context unless
+    ``max_model_len``; the checkpoint's sampling defaults (Qwen3's top_k 20, ...) ignored, since a request that
+    leaves a field out must get vLLM's neutral value, as on the offline engine, not the checkpoint's."""
+    return VLLMServer(model_path, model_name=model_name, max_model_len=max_model_len or context_length(model_path),
+                      startup_timeout_s=startup_timeout_s, extra_args=("--dtype", dtype, "--generation-config", "vllm"))

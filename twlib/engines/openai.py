@@ -3,7 +3,10 @@
 Prompts go out as token-id lists and completions come back as ids (``return_token_ids``), so the
 orchestrator never re-tokenises text (docs/design.md §6). Requests of one batch run concurrently (at most
 ``concurrency`` at a time) over one shared HTTP client, so the server can batch the threads of a block
-and reuse their common prefix.
+and reuse their common prefix. `OpenAIEngine.session` completes requests one at a time as awaitables over
+one async client, at most ``concurrency`` in flight: what the orchestrator's event-driven schedule uses, so
+each problem moves on as soon as its own requests return. A completion carries the prompt tokens the
+server took from its prefix cache (`cached_tokens`) when the server reports them.
 
 **Every request attempt has a wall-clock deadline** of ``timeout_s`` covering connect, send and every read:
 a server that accepts and never answers, or drips one byte every few seconds, costs ``timeout_s`` per
@@ -30,11 +33,12 @@ every error message, since servers and proxies may echo request headers in their
 """
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
-from typing import Any, Callable, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
+from typing import Any, AsyncIterator, Awaitable, Callable, Iterator, Sequence
 
 import httpcore
 import httpx
@@ -191,13 +195,41 @@ def _attempt(client: httpx.Client, url: str, body: dict, timeout_s: float, read:
     try:
         with deadline(timeout_s):
             # Connecting gets 10 s at most, as before: an unreachable host is reported in seconds, not minutes.
-            response = client.post(url, json=body, timeout=httpx.Timeout(timeout_s, connect=min(timeout_s, 10.0)))
-    except httpx.ConnectTimeout:
-        raise _TryAgain(f"timed out connecting (after {min(timeout_s, 10.0):g} s)") from None
-    except httpx.TimeoutException as e:
-        raise _TryAgain(f"timed out after {timeout_s:g} s ({type(e).__name__})") from None
-    except httpx.RequestError as e:  # refused, reset, or closed before the answer was complete
-        raise _TryAgain(f"cannot reach the server or the answer broke off ({type(e).__name__}: {e})") from None
+            response = client.post(url, json=body, timeout=_timeouts(timeout_s))
+    except httpx.RequestError as e:
+        raise _transport_failure(e, timeout_s) from None
+    return _answer(url, response, read)
+
+
+async def _attempt_async(client: httpx.AsyncClient, url: str, body: dict, timeout_s: float, read: Callable):
+    """`_attempt` on an async client: the whole attempt (connect, send, every read) within ``timeout_s``."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            response = await client.post(url, json=body, timeout=_timeouts(timeout_s))
+    except TimeoutError:
+        raise _TryAgain(f"timed out after {timeout_s:g} s (the attempt's deadline)") from None
+    except httpx.RequestError as e:
+        raise _transport_failure(e, timeout_s) from None
+    return _answer(url, response, read)
+
+
+def _timeouts(timeout_s: float) -> httpx.Timeout:
+    return httpx.Timeout(timeout_s, connect=min(timeout_s, 10.0))
+
+
+def _transport_failure(e: httpx.RequestError, timeout_s: float) -> _TryAgain:
+    """A failed send or read, named; always worth another attempt."""
+    if isinstance(e, httpx.ConnectTimeout):
+        return _TryAgain(f"timed out connecting (after {min(timeout_s, 10.0):g} s)")
+    if isinstance(e, httpx.TimeoutException):
+        return _TryAgain(f"timed out after {timeout_s:g} s ({type(e).__name__})")
+    # refused, reset, or closed before the answer was complete
+    return _TryAgain(f"cannot reach the server or the answer broke off ({type(e).__name__}: {e})")
+
+
+def _answer(url: str, response: httpx.Response, read: Callable):
+    """``read(response)`` of an answer that arrived: 429/5xx and `Retry` are `_TryAgain`, other 4xx and a
+    malformed or unreadable answer `EngineError`."""
     status = response.status_code
     if status == 429 or status >= 500:
         raise _TryAgain(f"HTTP {status}: {response.text[:300]}")
@@ -234,6 +266,22 @@ def post_with_retries(client, url: str, body: dict, retries: int, backoff_s: flo
     raise EngineError(redact(f"{url}: no {what} after {retries + 1} tries; last cause: {cause}", client))
 
 
+async def post_with_retries_async(client: httpx.AsyncClient, url: str, body: dict, retries: int, backoff_s: float,
+                                  read: Callable, what: str = "answer", *, timeout_s: float):
+    """`post_with_retries` on an async client: the same attempts, deadlines, backoff and messages."""
+    cause = ""
+    for attempt in range(retries + 1):
+        if attempt:
+            await asyncio.sleep(backoff_s * 2 ** (attempt - 1))
+        try:
+            return await _attempt_async(client, url, body, timeout_s, read)
+        except _TryAgain as e:
+            cause = str(e)
+        except EngineError as e:
+            raise EngineError(redact(str(e), client)) from None
+    raise EngineError(redact(f"{url}: no {what} after {retries + 1} tries; last cause: {cause}", client))
+
+
 # ---------------------------------------------------------------------------------- engine
 def completion_from(payload: dict, r: Request, eos_token_id: int) -> Completion:
     """A ``/v1/completions`` answer as a `Completion`, checked by the rules of this module's docstring.
@@ -262,7 +310,22 @@ def completion_from(payload: dict, r: Request, eos_token_id: int) -> Completion:
         if i in ends:  # the server ignored a stop rule: what follows was never meant to be generated
             kind = "EOS" if i == eos_token_id else "stop"
             raise EngineError(f"the completion goes on after {kind} id {i} at position {position} of {len(ids)}")
-    return Completion(tuple(ids), finish_reason(ids, r.stop_ids, eos_token_id))
+    return Completion(tuple(ids), finish_reason(ids, r.stop_ids, eos_token_id), cached_tokens(payload))
+
+
+def cached_tokens(payload: dict) -> int | None:
+    """Prompt tokens the server took from its prefix cache (``usage.prompt_tokens_details.cached_tokens``), or
+    None when it does not say (``vllm serve`` reports it with ``--enable-prompt-tokens-details``).
+
+    >>> cached_tokens({"usage": {"prompt_tokens": 142, "prompt_tokens_details": {"cached_tokens": 128}}})
+    128
+    >>> cached_tokens({"usage": {"prompt_tokens": 142, "prompt_tokens_details": None}}) is None
+    True
+    """
+    usage = payload.get("usage")
+    details = usage.get("prompt_tokens_details") if isinstance(usage, dict) else None
+    value = details.get("cached_tokens") if isinstance(details, dict) else None
+    return value if type(value) is int and value >= 0 else None
 
 
 class OpenAIEngine:
@@ -280,6 +343,7 @@ class OpenAIEngine:
         self.model, self.eos_token_id = model, eos_token_id
         self.concurrency, self.timeout_s, self.retries, self.backoff_s = concurrency, float(timeout_s), retries, backoff_s
         self.client = http_client(concurrency, api_key)
+        self._auth = {"Authorization": f"Bearer {api_key}"} if api_key else {}
 
     def __repr__(self) -> str:
         key = "set" if "authorization" in self.client.headers else "none"
@@ -309,3 +373,21 @@ class OpenAIEngine:
         read = lambda response: completion_from(json_object(response), r, self.eos_token_id)
         return post_with_retries(self.client, f"{self.base_url}/v1/completions", self._body(r), self.retries,
                                  self.backoff_s, read, "completion", timeout_s=self.timeout_s)
+
+    @asynccontextmanager
+    async def session(self) -> AsyncIterator[Callable[[Request], Awaitable[Completion]]]:
+        """``async with engine.session() as complete: await complete(request)``: one request at a time, over one
+        async HTTP client for the session, at most ``concurrency`` in flight (the others wait their turn), each
+        attempt with the same deadline, retries and checks as `generate` (`twlib.engines.SessionEngine`)."""
+        limits = httpx.Limits(max_connections=self.concurrency, max_keepalive_connections=self.concurrency)
+        slots = asyncio.Semaphore(self.concurrency)
+        url = f"{self.base_url}/v1/completions"
+        async with httpx.AsyncClient(limits=limits, headers=self._auth, trust_env=False) as client:
+            async def complete(r: Request) -> Completion:
+                if r.max_new_tokens < 1:
+                    return Completion((), "length")
+                read = lambda response: completion_from(json_object(response), r, self.eos_token_id)
+                async with slots:
+                    return await post_with_retries_async(client, url, self._body(r), self.retries, self.backoff_s,
+                                                         read, "completion", timeout_s=self.timeout_s)
+            yield complete

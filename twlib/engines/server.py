@@ -11,6 +11,9 @@ get re-parented to PID 1 and keep running). So every way out of `VLLMServer` end
 which then re-raises. Ending a group holds back SIGINT/SIGTERM until it is done, so a second Ctrl-C
 only makes it hurry (straight to SIGKILL) instead of leaving half of the group running.
 
+Prefix caching is on, and every answer reports the prompt tokens it took from the cache
+(``--enable-prompt-tokens-details``: ``usage.prompt_tokens_details.cached_tokens``).
+
 The server's output goes to a temporary ``vllm-serve-*.log``, removed when the server stops or fails
 to start, unless ``keep_log=True`` or the caller names the file (``log_path=``, never removed).
 
@@ -171,8 +174,9 @@ class VLLMServer:
 
     def __init__(self, model_path: str | Path, port: int | None = None, model_name: str = "model",
                  max_model_len: int = 2048, startup_timeout_s: float = 300.0, extra_args: tuple[str, ...] = (),
-                 keep_log: bool = False, log_path: str | Path | None = None):
+                 keep_log: bool = False, log_path: str | Path | None = None, env: dict[str, str] | None = None):
         self.model_path, self.port = str(model_path), port or free_port()
+        self.env = dict(env or {})  # set for the server on top of this process's environment
         self.model_name, self.max_model_len = model_name, max_model_len
         self.startup_timeout_s, self.extra_args = startup_timeout_s, tuple(extra_args)
         self.log_given = log_path is not None
@@ -189,7 +193,8 @@ class VLLMServer:
     def command(model_path: str, port: int, model_name: str = "model", max_model_len: int = 2048) -> list[str]:
         return ["-m", "twlib.engines.vllm_serve", "serve", model_path, "--host", "127.0.0.1", "--port", str(port),
                 "--served-model-name", model_name, "--dtype", "float32", "--enforce-eager",
-                "--max-model-len", str(max_model_len), "--enable-prefix-caching", "--seed", "0"]
+                "--max-model-len", str(max_model_len), "--enable-prefix-caching", "--enable-prompt-tokens-details",
+                "--seed", "0"]
 
     def start(self) -> "VLLMServer":
         """Start ``vllm serve`` and wait for /health; on any failure end its process group, then re-raise.
@@ -208,7 +213,7 @@ class VLLMServer:
     def _launch(self) -> None:
         """Open the log and start the server in a new session; signals held, so none starts unrecorded."""
         args = self.command(self.model_path, self.port, self.model_name, self.max_model_len) + list(self.extra_args)
-        env = {"VLLM_CPU_KVCACHE_SPACE": "1"} | dict(os.environ)
+        env = {"VLLM_CPU_KVCACHE_SPACE": "1"} | dict(os.environ) | self.env
         with HeldSignals():
             fd = self._open_log()
             try:

@@ -20,6 +20,8 @@ from . import Completion, Request, finish_reason
 
 
 class VLLMEngine:
+    CLOSE_GRACE_S = 1.0
+
     def __init__(self, llm, eos_token_id: int):
         self.llm = llm
         self.eos_token_id = eos_token_id
@@ -33,6 +35,15 @@ class VLLMEngine:
             # machine has free, and far more than a tiny model needs).
             settings["gpu_memory_utilization"] = 0.3
         return cls(LLM(model=str(path), **(settings | llm_kwargs)), eos_token_id)
+
+    def close(self) -> None:
+        """End vLLM's engine processes and free their memory now (idempotent); without it they live until the `LLM`
+        is garbage-collected, so a stage that decodes with several models one after another would hold them all."""
+        core = getattr(getattr(self.llm, "llm_engine", None), "engine_core", None)
+        if core is not None:
+            # Nothing is in flight: a short grace, then the process tree is killed (vLLM's worker does not exit on
+            # its own, so the default grace of 5 s always runs out).
+            core.shutdown(timeout=self.CLOSE_GRACE_S)
 
     def generate(self, requests: Sequence[Request]) -> list[Completion]:
         out: list[Completion] = [Completion((), "length")] * len(requests)

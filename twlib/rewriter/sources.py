@@ -10,6 +10,7 @@ root; anything else is handed to ``from_pretrained`` as is (a hub id).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -18,10 +19,11 @@ from typing import Callable, Sequence
 import torch
 from transformers import AutoTokenizer
 
-from ..config import STAGE_CONFIGS, ConfigError, RewritingConfig
+from ..config import ConfigError, RewritingConfig
 from ..engines import Request
-from ..engines.local import make_engine
+from ..engines.local import local_server, make_engine
 from ..grading import grade
+from ..models import resolve_model as _resolve
 from ..show import progress
 from ..tokenizer import prompt_ids
 from .chat import EngineChat, HTTPChat
@@ -35,17 +37,9 @@ def model_id(engine: str, model: str) -> str:
 
 
 def resolve_model(run, model: str) -> str:
-    """A local folder for ``model`` if one exists (profile outputs first, then the project root), else ``model``."""
-    for base in (run.profile_root, run.project):
-        candidate = Path(base) / model
-        if candidate.is_dir():
-            return str(candidate)
-    if Path(model).is_absolute():
-        raise FileNotFoundError(f"model folder {model} does not exist")
-    if model.split("/")[0] in STAGE_CONFIGS:
-        raise FileNotFoundError(f"{model} names an earlier stage's model, but {Path(run.profile_root) / model} does "
-                                "not exist; run that stage first")
-    return model
+    """A local folder for ``model`` if one exists (profile outputs first, then the project root), else ``model``;
+    ``stand-in`` is built when missing (`twlib.models.resolve_model`)."""
+    return _resolve(run, model)
 
 
 def _local_engine(kind: str, path: str):
@@ -73,10 +67,56 @@ def api_key(cfg: RewritingConfig, environ=os.environ) -> str | None:
     return key
 
 
+class ServedChat:
+    """The chat endpoint of a ``vllm serve`` the kit runs for ``llm_model`` (``llm_engine: endpoint`` without
+    ``llm_base_url``). Inside ``with llm:`` (`rewrite` opens it) the first question starts the server and an
+    `HTTPChat` to it; leaving the block stops the server, so a run with nothing to ask starts none. Answers are
+    cached under the same model id as an endpoint serving that name."""
+
+    def __init__(self, cfg: RewritingConfig, path: str):
+        self.cfg, self.path, self.model_id = cfg, path, cfg.llm_model
+        self.server, self.http, self.open, self.started = None, None, False, 0
+
+    def __repr__(self) -> str:
+        return f"ServedChat({self.path!r} as {self.model_id!r}, {'running' if self.server else 'stopped'})"
+
+    def __enter__(self) -> "ServedChat":
+        self.open = True
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.open = False
+        if self.http is not None:
+            self.http.close()
+        if self.server is not None:
+            self.server.stop()
+        self.server = self.http = None
+
+    def _client(self) -> HTTPChat:
+        if not self.open:
+            raise RuntimeError("the served LLM is asked outside `with llm:`, where no server may run")
+        if self.http is None:
+            dtype = "bfloat16" if torch.cuda.is_available() else "float32"
+            self.server = local_server(self.path, self.cfg.llm_model, dtype).start()
+            self.started += 1
+            self.http = HTTPChat(self.server.url, self.cfg.llm_model, timeout_s=self.cfg.llm_timeout_s,
+                                 retries=self.cfg.llm_retries, max_tokens_field=self.cfg.llm_max_tokens_field)
+        return self.http
+
+    def chat(self, messages, max_tokens: int, temperature: float) -> str:
+        return self._client().chat(messages, max_tokens, temperature)
+
+    def chat_batch(self, conversations, max_tokens: int, temperature: float, on_reply=None) -> list[str]:
+        return self._client().chat_batch(conversations, max_tokens, temperature, on_reply)
+
+
 def make_llm(cfg: RewritingConfig, run):
     """The chat model of ``cfg`` (`twlib.rewriter.chat.ChatLLM`): a local model through the HF or vLLM engine, or
     an OpenAI-compatible ``/v1/chat/completions`` endpoint (URL from the params file, key from the environment
-    variable ``llm_api_key_env`` names, each request attempt bounded by ``llm_timeout_s``, ``llm_retries`` retries)."""
+    variable ``llm_api_key_env`` names, each request attempt bounded by ``llm_timeout_s``, ``llm_retries`` retries),
+    or, with no URL, a `ServedChat` whose ``vllm serve`` runs while `rewrite` does."""
+    if cfg.llm_engine == "endpoint" and not cfg.llm_base_url:
+        return ServedChat(cfg, resolve_model(run, cfg.llm_model))
     if cfg.llm_engine == "endpoint":
         return HTTPChat(cfg.llm_base_url, cfg.llm_model, api_key=api_key(cfg), timeout_s=cfg.llm_timeout_s,
                         retries=cfg.llm_retries, max_tokens_field=cfg.llm_max_tokens_field)
@@ -115,14 +155,31 @@ def traces(cfg: RewritingConfig, run, train_ds, progress: Callable[[int], None] 
                              "traces): set traces_from to 'model' and name a trace_model")
         return rows
     engine, tokenizer = _local_engine(cfg.trace_engine, resolve_model(run, cfg.trace_model))
-    return generate_traces(engine, tokenizer, rows, cfg.trace_max_new_tokens, progress)
+    try:
+        return generate_traces(engine, tokenizer, rows, cfg.trace_max_new_tokens, progress)
+    finally:
+        if hasattr(engine, "close"):  # vLLM's engine processes would outlive the step (and hold their memory)
+            engine.close()
+
+
+def trace_books(cfg: RewritingConfig, train_ds, kept: Sequence[dict]) -> dict:
+    """Where notebook 01b's sequential traces came from, in counts: the first ``n_traces`` training prompts, the
+    traces taken (``traces_from: dataset``) or written by ``trace_model``, and how many of those the answer filter
+    rejected (paper step 0 keeps correct answers only).
+
+    >>> cfg = RewritingConfig(profile="p", n_traces=3, traces_from="model", trace_model="m")
+    >>> trace_books(cfg, range(10), [{"id": "a"}])
+    {'traces_from': 'model', 'prompts': 3, 'kept': 1, 'rejected_wrong_answer': 2}
+    """
+    prompts = min(cfg.n_traces, len(train_ds))
+    return {"traces_from": cfg.traces_from, "prompts": prompts, "kept": len(kept), "rejected_wrong_answer": prompts - len(kept)}
 
 
 def stage_traces(cfg: RewritingConfig, run, train_ds) -> list[dict]:
     """Notebook 01b's sequential traces (`traces`), with a progress bar, once per run (a re-opened run, or a
     resumed one, does not write them again)."""
     def make() -> list[dict]:
-        with progress(cfg.n_traces, "traces") as bar:
+        with run.timer("traces"), progress(cfg.n_traces, "traces") as bar:
             return traces(cfg, run, train_ds, bar.update)
 
     return run.once("traces", make)
@@ -132,10 +189,12 @@ def rewrite(cfg: RewritingConfig, run, trace_rows: Sequence[dict], llm) -> dict:
     """Stage 1 over ``trace_rows`` (`twlib.rewriter.run_stage1` in ``<run>/stage1``; every LLM answer cached):
     ``{"rows", "rejected", "report"}``, once per run."""
     def make() -> dict:
-        with run.timer("rewrite"):
+        served = llm if isinstance(llm, ServedChat) else contextlib.nullcontext()
+        with run.timer("rewrite"), served:  # a kit-served LLM runs only while the rewriting does
             result = run_stage1(trace_rows, llm, run.path("stage1"), Stage1Settings.for_stage(cfg),
                                 tokenizer=getattr(llm, "tokenizer", None))
-        return {"rows": result.rows, "rejected": result.rejected, "report": result.report}
+        report = result.report | ({"servers_started": llm.started} if isinstance(llm, ServedChat) else {})
+        return {"rows": result.rows, "rejected": result.rejected, "report": report}
 
     return run.once("stage1", make)
 
