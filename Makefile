@@ -30,7 +30,7 @@ smoke: setup
 test: setup
 	@command -v chromium >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium)
 	$(BIN)/ruff check twlib tests
-	$(BIN)/python -m pytest -m "not gpu"
+	$(BIN)/python -m pytest -m "not gpu" --durations=30
 
 test-unit: setup
 	$(BIN)/ruff check twlib tests

@@ -100,3 +100,17 @@ def test_openai_engine_on_a_closed_port_fails_fast():
     with pytest.raises(EngineError, match="cannot reach the server"):
         engine.generate([Request((1, 2, 3), 4)])
     assert time.monotonic() - start < 10
+
+
+def test_cpu_kv_cache_holds_what_the_model_needs_and_no_more(tmp_path):
+    from transformers import Qwen3Config
+
+    from twlib.engines.vllm import cpu_kv_cache_bytes
+
+    Qwen3Config(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=64, hidden_size=128,
+                max_position_embeddings=2048).save_pretrained(tmp_path)
+    per_token = 2 * 2 * 2 * 64 * 4  # K and V, layers, KV heads, head dim, float32 bytes
+    assert cpu_kv_cache_bytes(tmp_path) == per_token * 131_072
+    assert cpu_kv_cache_bytes(tmp_path, "bfloat16") == per_token // 2 * 131_072
+    assert cpu_kv_cache_bytes(tmp_path, max_model_len=65_536) == per_token * 4 * 65_536
+    assert cpu_kv_cache_bytes(tmp_path, host_bytes=10 * 2**20) == 3 * 2**20  # capped at 30% of the host

@@ -4,6 +4,7 @@ minus what the host brings (torch, transformers), the wheels install with ``--no
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import textwrap
@@ -133,7 +134,10 @@ def test_makefile_targets_and_ignored_wheelhouse():
     assert re.search(r"^wheelhouse: setup\n\t.*-m twlib\.bench\.wheelhouse wheelhouse", makefile, re.M)
     # an offline host cannot run `setup` (it installs from PyPI): gpu-check has no prerequisite
     assert re.search(r"^gpu-check:\n\t\$\(CHECK_PYTHON\) -m twlib\.bench\.gpucheck --out outputs/gpu-check$", makefile, re.M)
-    dry = subprocess.run(["make", "-n", "gpu-check"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    # under `make test` the parent make's flags would add "Entering directory" lines: run it as a user would
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
+    dry = subprocess.run(["make", "-n", "--no-print-directory", "gpu-check"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, check=True).stdout
     assert dry.strip().endswith("-m twlib.bench.gpucheck --out outputs/gpu-check")
     assert "wheelhouse/" in (ROOT / ".gitignore").read_text().split()
     readme = (ROOT / "README.md").read_text()
