@@ -3,14 +3,15 @@ directory ``notebooks/``, only the parameters cell edited, no papermill) gives t
 parameters and metrics; Run All on a finished stage shows its results without training; a failed start does
 not block a run with other parameters."""
 import json
-import re
 import shutil
 import time
 from pathlib import Path
 
 import nbformat
 import pytest
-from nbclient import NotebookClient
+
+from twlib.bench import lab
+from twlib.config import load_profile
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ["01_trajectories", "02_trie_sft", "01b_rewriting", "03_self_training", "04_pgrpo", "05_evaluation"]
@@ -26,18 +27,9 @@ pytestmark = pytest.mark.notebooks
 def run_like_lab(stage: str, output_root: Path, **cell) -> nbformat.NotebookNode:
     """Execute ``notebooks/<stage>.ipynb`` the way JupyterLab's Run All does, with ``profile = "smoke"``,
     ``output_root`` and any other ``name = value`` typed into the parameters cell."""
-    nb = nbformat.read(ROOT / "notebooks" / f"{stage}.ipynb", as_version=4)
-    params = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
-    for name, value in {"profile": "smoke", "output_root": str(output_root), **cell}.items():
-        params.source, n = re.subn(rf"^{name}: (\w+) = [^#]*#", f"{name}: \\1 = {value!r}  #", params.source, flags=re.M)
-        assert n == 1, f"{stage}: no parameter {name}"
-    client = NotebookClient(nb, timeout=1800, kernel_name="python3",
-                            resources={"metadata": {"path": str(ROOT / "notebooks")}})
-    try:
-        client.execute()
-    finally:
-        nbformat.write(nb, output_root / f"{stage}.lab.ipynb")
-    return nb
+    return lab.run_like_lab(ROOT / "notebooks" / f"{stage}.ipynb",
+                            {"profile": "smoke", "output_root": str(output_root), **cell},
+                            save_to=output_root / f"{stage}.lab.ipynb", timeout_s=1800)
 
 
 def comparable(obj, root: Path):
@@ -76,12 +68,12 @@ def test_lab_runs_equal_the_pipeline(lab_outputs, smoke_outputs):
     root, seconds = lab_outputs
     pipeline_root = smoke_outputs[0].parent
     for stage in STAGES:
-        lab, ran = record(root, stage), record(pipeline_root, stage)
-        assert lab["status"] == "complete"
-        params = {k: v for k, v in lab["params"].items() if k != "output_root"}
+        in_lab, ran = record(root, stage), record(pipeline_root, stage)
+        assert in_lab["status"] == "complete"
+        params = {k: v for k, v in in_lab["params"].items() if k != "output_root"}
         assert params == {k: v for k, v in ran["params"].items() if k != "output_root"}, stage
-        assert lab["sources"]["output_root"] == "override" and lab["sources"]["seed"] == "profile"
-        assert comparable(lab["metrics"], root) == comparable(ran["metrics"], pipeline_root), stage
+        assert in_lab["sources"]["output_root"] == "override" and in_lab["sources"]["seed"] == "profile"
+        assert comparable(in_lab["metrics"], root) == comparable(ran["metrics"], pipeline_root), stage
 
 
 def _stamps(folder: Path) -> dict[str, float]:
@@ -94,8 +86,11 @@ def test_run_all_again_shows_results_without_training(lab_outputs):
     before = {stage: record(root, stage) for stage in STAGES}
     figures = {p: p.read_bytes() for p in (root / "smoke").rglob("*.png")}
     models = _stamps(root / "smoke" / "02_trie_sft") | _stamps(root / "smoke" / "04_pgrpo")
+    runs = list(lab.run(load_profile(ROOT / "params" / "smoke.yaml"), passes=1, output_root=str(root)))
+    assert [(r["notebook"], r["pass"]) for r in runs] == [(stage, 1) for stage in STAGES]
+    assert all(r["seconds"] > 0 and r["slowest_cells"][0][0] >= r["slowest_cells"][-1][0] for r in runs)
     for stage in STAGES:
-        nb = run_like_lab(stage, root)
+        nb = nbformat.read(root / "smoke" / "bench" / "lab" / f"{stage}.pass1.ipynb", as_version=4)
         assert not errors(nb), (stage, errors(nb))
         text = "\n".join(str(o.get("data", {}).get("text/html", "")) for c in nb.cells for o in c.get("outputs", []))
         assert "complete: showing its results" in text, stage

@@ -200,10 +200,13 @@ VLLM_SCRIPT = textwrap.dedent('''
     import sys
 
     if __name__ == "__main__":
-        from vllm import LLM, SamplingParams
+        from vllm import SamplingParams
+
+        from twlib.engines.vllm import VLLMEngine
 
         folder, prompts = sys.argv[1], json.loads(sys.argv[2])
-        llm = LLM(model=folder, dtype="float32", enforce_eager=True, max_model_len=512, seed=0)
+        # the settings every stage loads a model with (fp32, eager, prefix caching; on CPU the in-process core)
+        llm = VLLMEngine.from_pretrained(folder, eos_token_id=None, max_model_len=512).llm
         params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, skip_special_tokens=False)
         outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params)
         print("RESULT " + json.dumps([list(o.outputs[0].token_ids) for o in outs]), flush=True)

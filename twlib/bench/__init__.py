@@ -41,6 +41,10 @@ event-driven: throughput, latency p50/p95, accuracy, tokens, and the prefix-cach
 call against the block-granularity maximum, with target verdicts, a table and a latency-vs-throughput
 figure (`twlib.bench.load`; ``--concurrency``, ``--problems``).
 
+``lab``: every notebook of the profile executed as JupyterLab's Run All does it (a kernel, working directory
+``notebooks/``, the parameters cell edited), ``--passes`` times: seconds and slowest cells per notebook and pass
+(`twlib.bench.lab`; ``--output-root`` for a clean first pass).
+
 A benchmark module may define ``add_arguments(parser)`` for options of its own; they are passed to its
 ``run`` as keyword arguments.
 """
@@ -52,7 +56,7 @@ import json
 
 from ..config import load_profile
 
-BENCHES = ("data", "trie", "induction", "orchestrator", "rl", "sft", "gpu", "load")
+BENCHES = ("data", "trie", "induction", "orchestrator", "rl", "sft", "gpu", "load", "lab")
 
 
 def benchmark(name: str):
