@@ -12,6 +12,7 @@ from datasets import Dataset, DatasetDict
 from test_engines_vllm import memorised  # noqa: F401  (the fixture: a tiny model that forks, served below)
 
 from twlib import bench
+from twlib.bench import load
 from twlib.bench.load import KINDS, SCHEDULES, TARGETS, cache_shares
 from twlib.dataset import save_parquet
 from twlib.engines.openai import OpenAIEngine
@@ -100,3 +101,14 @@ def test_load_bench_smoke_produces_every_field(stand_in_outputs, capsys):
     saved = json.loads((root / "bench" / "load" / "load.json").read_text())
     assert saved["records"] == records and saved["verdicts"] == summary["verdicts"]
     assert (root / "bench" / "load" / "latency_vs_throughput.png").stat().st_size > 10_000
+    # What notebook 05 shows from it, read back without running anything.
+    report = load.stored(root.parent, "smoke")
+    assert report["figure"] == root / "bench" / "load" / "latency_vs_throughput.png"
+    frame = load.results_frame(report)
+    assert len(frame) == len(records) and frame.index.names == ["model", "in flight", "schedule"]
+    first = frame.loc[("sequential", 1, "lockstep")]
+    assert first["problems/s"] == records[0]["problems_per_s"]
+    assert first["threads 2..K cached"] == records[0]["cache"]["threads_2_K"]["cached_share"]
+    verdict = load.verdict_frame(report)
+    assert list(verdict.index) == list(TARGETS.values()) and set(verdict["verdict"]) <= {"met", "not met"}
+    assert load.stored(root.parent, "no-such-profile") is None

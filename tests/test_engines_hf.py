@@ -84,3 +84,18 @@ def test_seeded_sampling_is_reproducible(model):
 
 def test_zero_budget_returns_nothing(model):
     assert HFEngine(model, EOS).generate([Request(_prompt("a"), 0)]) == [Completion((), "length")]
+
+
+def test_padded_batch_of_many_lengths_equals_one_by_one(model):
+    # Problems in flight side by side: several prompt lengths, padded on the left into batches of max_batch.
+    texts = ["q", "abc", "a longer prompt here", "mid length", "x" * 40, "another one of them"]
+    engine = HFEngine(model, EOS, max_batch=4)
+    free = [engine.generate([Request(_prompt(t), 12)])[0].ids for t in texts]
+    # Every other row stops on the third token it writes, so rows leave the batch at different steps.
+    requests = [Request(_prompt(t), 6 + 3 * k, (free[k][2],) if k % 2 else ()) for k, t in enumerate(texts)]
+    requests.insert(2, Request(_prompt("zero budget"), 0))
+    together = engine.generate(requests)
+    assert together == [engine.generate([r])[0] for r in requests]
+    assert together[2] == Completion((), "length")
+    assert {c.finish_reason for c in together} >= {"length", "stop"}
+    assert len({len(c.ids) for c in together}) >= 4

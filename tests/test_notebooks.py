@@ -190,6 +190,13 @@ def test_notebook_02_smoke(smoke_outputs):
         assert (stage / f"{kind}_checkpoints" / f"checkpoint-{params['max_steps']}").is_dir()
     history = json.loads((stage / "loss_history.json").read_text())
     assert [r["step"] for r in history["parallel"]] == list(range(1, params["max_steps"] + 1))
+    assert params["concurrent_jobs"] == 2  # the smoke profile trains its two models side by side
+    executed = nbformat.read(stage / "02_trie_sft.ipynb", as_version=4)
+    shown = "".join(o.get("text", "") for c in executed.cells if c.cell_type == "code" for o in c.outputs)
+    assert "2 jobs, 2 at a time" in shown and f"{2 * params['max_steps']}/{2 * params['max_steps']}" in shown
+    for kind in ("sequential", "parallel"):
+        assert f"{params['max_steps']}/{params['max_steps']} [" in (stage / "launch" / f"sft-{kind}.log").read_text()
+        assert metrics["timings"][f"train_{kind}"] > 0
     for fig in ("trie_masks.png", "loss_curves.png"):
         assert (stage / fig).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -310,6 +317,8 @@ def test_notebook_05_smoke(smoke_outputs):
         assert (stage / fig).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     executed = nbformat.read(stage / "05_evaluation.ipynb", as_version=4)
     assert not [o for c in executed.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
+    shown = "".join(o.get("text", "") for c in executed.cells if c.cell_type == "code" for o in c.outputs)
+    assert "no load benchmark of smoke yet: python -m twlib.bench load --params params/smoke.yaml" in shown
 
 
 @pytest.mark.notebooks

@@ -485,6 +485,43 @@ def test_launch_runs_the_entry_point_under_accelerate(tiny_profile, tmp_path):
         launch.launch("sft", bad, "parallel", cpu, echo=None)
 
 
+def test_jobs_side_by_side_keep_each_result_and_resume(tiny_profile, capsys):
+    """``concurrent_jobs: 2``: both SFT models train at once, each in its own process with one core's threads; each
+    result is kept as the run's step when it ends, so a second call (a resumed or re-opened run) launches nothing,
+    and a failing job is reported by name after the other one has finished and been kept."""
+    from twlib.runs import RunFolder
+
+    root, base = tiny_profile
+    cfg = dataclasses.replace(base, profile="side", concurrent_jobs=2)
+    for stage in ("01_trajectories",):  # the same notebook-01 outputs under this profile's name
+        (root / "side").mkdir(exist_ok=True)
+        if not (root / "side" / stage).exists():
+            (root / "side" / stage).symlink_to(root / "scale" / stage)
+    run = RunFolder.open(cfg)
+    results = sft.fit(cfg, ["sequential", "parallel"], run)
+    assert set(results) == {"sequential", "parallel"}
+    for name, result in results.items():
+        assert (Path(result["model_path"]) / "model.safetensors").is_file()
+        assert run.has_step(f"sft-{name}") and run.timings[f"train_{name}"] > 0
+        log = (run.folder / "launch" / f"sft-{name}.log").read_text()
+        assert "2/2 [" in log  # the job's own progress bar, which the notebook's bar follows
+    assert "sequential" in capsys.readouterr().out
+    again = RunFolder.open(cfg)
+    assert sft.fit(cfg, ["sequential", "parallel"], again) == results and not again.timings
+    other = dataclasses.replace(cfg, max_steps=1)
+    (run.folder / "steps" / "sft-parallel.json").unlink()
+    with pytest.raises(RuntimeError, match=r"sft 'nonsense' failed .*sft-nonsense\.log[\s\S]*'parallel' or 'sequential'"):
+        launch.run_jobs("sft", sft.sft_job, other, ["parallel", "nonsense"], RunFolder.existing(other))
+    assert RunFolder.existing(other).has_step("sft-parallel")  # kept although its sibling failed
+
+
+def test_concurrent_jobs_knob_is_checked():
+    with pytest.raises(config.ConfigError, match="concurrent_jobs"):
+        config.TrieSFTConfig.from_dict({"profile": "p", "concurrent_jobs": 0})
+    with pytest.raises(config.ConfigError, match="concurrent_jobs.*accelerate_config"):
+        config.PGRPOConfig.from_dict({"profile": "p", "concurrent_jobs": 2, "accelerate_config": "multi_gpu"})
+
+
 # ---------------------------------------------------------------------------------- GPU bench
 def test_bench_gpu_runs_on_cpu_with_the_dense_mask():
     from twlib import bench

@@ -25,8 +25,10 @@ import argparse
 import importlib
 import json
 import os
+import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -35,6 +37,7 @@ import torch.distributed as dist
 from .config import STAGE_CONFIGS, ConfigError, LaunchKnobs, StageConfig, load_profile
 from .files import atomic_write_json, project_root
 from .runs import RunFolder, stage_dir
+from .show import progress
 
 # job name → (stage, the stage's job function as "module:function"). Looked up by name, so this module
 # never imports a stage module (they import it).
@@ -131,6 +134,93 @@ def run_job(job: str, fn: Job, cfg: StageConfig, name: str, run: RunFolder, knob
         return run.once(f"{job}-{name}", lambda: fn(cfg, name, run))
     return run.once(f"{job}-{name}", lambda: launch(job, cfg, name, accelerate_config(knobs.accelerate_config),
                                                     knobs.num_processes))
+
+
+def run_jobs(job: str, fn: Job, cfg: StageConfig, names: Sequence[str], run: RunFolder,
+             knobs: LaunchKnobs | None = None) -> dict[str, dict]:
+    """`run_job` for each of ``names``; with ``concurrent_jobs`` > 1 (and no ``accelerate_config``) up to that many
+    run side by side (`side_by_side`), each kept as its step when it ends, so a failed or interrupted stage resumes
+    with the jobs that had not finished. ``train_<name>`` in the run's timings is each job's wall clock."""
+    knobs = cfg if knobs is None else knobs
+    if knobs.accelerate_config or knobs.concurrent_jobs <= 1:
+        return {name: run_job(job, fn, cfg, name, run, knobs) for name in names}
+    pending = [name for name in names if not run.has_step(f"{job}-{name}")]
+
+    def keep(name: str, result: dict, seconds: float) -> None:
+        run.once(f"{job}-{name}", lambda: result)
+        run.timings[f"train_{name}"] = seconds
+
+    if pending and not run.complete:
+        side_by_side(job, cfg, pending, knobs.concurrent_jobs, keep)
+    return {name: run_job(job, fn, cfg, name, run, knobs) for name in names}  # each one kept now
+
+
+def side_by_side(job: str, cfg: StageConfig, names: Sequence[str], at_once: int,
+                 done: Callable[[str, dict, float], None], poll_s: float = 1.0) -> None:
+    """Run ``job`` for each of ``names``, ``at_once`` at a time, each as ``python -m twlib.launch`` in a process
+    of its own with ``cores // at_once`` threads; its output goes to ``<run>/launch/<job>-<name>.log``, one
+    progress bar follows every job's training steps, and ``done(name, result, seconds)`` is called as each one
+    ends. Failed jobs are reported together once the others have ended; an interrupt stops every job."""
+    folder = stage_dir(cfg.output_root, cfg.profile, cfg.stage) / "launch"
+    params = write_stage_params(cfg, folder)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    threads = str(max(1, cores // at_once))
+    env = os.environ | {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "TOKENIZERS_PARALLELISM": "false"}
+    queue, running, failures = list(names), {}, []
+    steps = {name: (0, 0) for name in names}  # (step, steps) of each job's trainer, once it has started
+    bar = progress(0, f"{len(names)} jobs, {min(at_once, len(names))} at a time", unit="step")
+    try:
+        while queue or running:
+            while queue and len(running) < at_once:
+                name = queue.pop(0)
+                result_path(cfg, job, name).unlink(missing_ok=True)  # a stale result must never pass for this run's
+                log = folder / f"{job}-{name}.log"
+                cmd = [sys.executable, "-m", "twlib.launch", job, str(params), "--name", name]
+                with open(log, "w", encoding="utf-8") as out:
+                    proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=project_root())
+                running[name] = (proc, log, time.perf_counter())
+            time.sleep(poll_s)
+            for name, (proc, log, start) in list(running.items()):
+                steps[name] = _trainer_steps(log) or steps[name]
+                if proc.poll() is None:
+                    continue
+                del running[name]
+                out = result_path(cfg, job, name)
+                if proc.returncode == 0 and out.exists():
+                    done(name, json.loads(out.read_text(encoding="utf-8")), time.perf_counter() - start)
+                else:
+                    tail = log.read_text(encoding="utf-8", errors="replace").replace("\r", "\n").splitlines()[-30:]
+                    failures.append(f"{job} {name!r} failed (exit {proc.returncode}; whole output in {log}):\n"
+                                    + "\n".join(tail))
+            bar.total, bar.n = sum(t for _, t in steps.values()), sum(s for s, _ in steps.values())
+            bar.set_postfix_str(", ".join(f"{n} {steps[n][0]}/{steps[n][1]}" for n in running if steps[n][1]),
+                                refresh=False)
+            bar.refresh()
+    finally:
+        bar.close()
+        for proc, *_ in running.values():  # an interrupt or an error here: leave no job behind
+            proc.terminate()
+        for proc, *_ in running.values():
+            proc.wait()
+    if failures:
+        raise RuntimeError("\n\n".join(failures))
+
+
+_TRAINER_STEP = re.compile(r"(\d+)/(\d+) \[[^\]]*step")  # a `show.TrainingProgress` bar (unit: step)
+
+
+def _trainer_steps(log: Path) -> tuple[int, int] | None:
+    """The last ``(step, steps)`` a job's training bar wrote to its log, or None before training starts.
+
+    >>> import tempfile; p = Path(tempfile.mkdtemp()) / "job.log"
+    >>> _ = p.write_text("rows: 5/9 [00:01<00:01, 3.1it/s]\\rSFT: 12/300 [00:02<00:40, 7.00step/s]")
+    >>> _trainer_steps(p)
+    (12, 300)
+    """
+    with open(log, "rb") as f:
+        f.seek(max(0, log.stat().st_size - 4096))
+        found = _TRAINER_STEP.findall(f.read().decode("utf-8", errors="replace"))
+    return tuple(map(int, found[-1])) if found else None
 
 
 def is_main_process() -> bool:

@@ -372,9 +372,10 @@ def pgrpo_job(cfg: PGRPOConfig, name: str, run: RunFolder) -> dict:
             "guard_counts": dict(trainer.guard_counts)}
 
 
-def fit(cfg: PGRPOConfig, name: str, run: RunFolder) -> dict:
-    """`pgrpo_job` here, or with ``accelerate_config`` set, in one process per GPU (`twlib.launch.run_job`)."""
-    return launch.run_job("pgrpo", pgrpo_job, cfg, name, run)
+def fit(cfg: PGRPOConfig, names: Sequence[str], run: RunFolder) -> dict[str, dict]:
+    """`pgrpo_job` for each run of ``names``: here, ``concurrent_jobs`` side by side, or with ``accelerate_config``
+    set in one process per GPU (`twlib.launch.run_jobs`)."""
+    return launch.run_jobs("pgrpo", pgrpo_job, cfg, names, run)
 
 
 HISTORY_COLUMNS = {"reward": "reward", "accuracy": "accuracy", "rollout/acceleration_ratio": "acceleration_ratio",

@@ -253,6 +253,10 @@ class RunFolder:
         """Whether an artifact exists already, so a resumed run can skip the step that made it."""
         return (self.folder / name).exists()
 
+    def has_step(self, name: str) -> bool:
+        """Whether `once` has kept the step ``name`` (a resumed run skips it)."""
+        return (self.folder / "steps" / f"{name}.json").exists()
+
     def stage_path(self, stage: str, *parts: str) -> Path:
         """A path in an earlier stage's folder of the same profile (not created)."""
         return self.profile_root.joinpath(stage, *parts)

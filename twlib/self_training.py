@@ -209,14 +209,15 @@ def rollouts(cfg: SelfTrainingConfig, run: RunFolder, problems: Sequence[dict], 
 
 def checks(cfg: SelfTrainingConfig, run: RunFolder, tokenizer, problems: Sequence[dict],
            model_paths: dict[str, Path]) -> dict[str, list[dict]]:
-    """Greedy evaluation records of each model on ``problems`` (the before/after check), once per run."""
+    """Greedy evaluation records of each model on ``problems`` (the before/after check), once per run; the problems
+    are decoded ``chunk_size`` at a time, as the rollouts are."""
     out = {}
     for name, path in model_paths.items():
         def evaluate_one(path=path, name=name) -> list[dict]:
             with run.timer(f"check_{name}"), progress(len(problems), name) as bar:
                 checker = orchestrator(cfg, path, tokenizer, greedy=True)
                 try:
-                    return evaluate(checker, problems, tokenizer, progress=bar.update)
+                    return evaluate(checker, problems, tokenizer, cfg.chunk_size, progress=bar.update)
                 finally:
                     if hasattr(checker.engine, "close"):
                         checker.engine.close()

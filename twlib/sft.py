@@ -399,9 +399,10 @@ def sft_job(cfg: TrieSFTConfig, name: str, run: RunFolder) -> dict:
     return train_model(name, with_base_model(cfg, run), stage_tokenizer(cfg, run), training_data(cfg, run), run)
 
 
-def fit(cfg: TrieSFTConfig, name: str, run: RunFolder) -> dict:
-    """`sft_job` here, or with ``accelerate_config`` set, in one process per GPU (`twlib.launch.run_job`)."""
-    return launch.run_job("sft", sft_job, cfg, name, run)
+def fit(cfg: TrieSFTConfig, names: Sequence[str], run: RunFolder) -> dict[str, dict]:
+    """`sft_job` for each model of ``names``: here, ``concurrent_jobs`` side by side, or with ``accelerate_config``
+    set in one process per GPU (`twlib.launch.run_jobs`)."""
+    return launch.run_jobs("sft", sft_job, cfg, names, run)
 
 
 def reference_match(model, tokenizer, examples: Sequence[dict], objective: Objective = "corrected",

@@ -370,3 +370,38 @@ def save_figure(records: Sequence[dict], path: Path) -> Path:
 
     plt.close(fig)
     return path
+
+
+# ------------------------------------------------------------------------------- reading a stored report
+def stored(output_root: str | Path, profile: str) -> dict | None:
+    """The load benchmark's last report of ``profile`` (``<output_root>/<profile>/bench/load/load.json``, with
+    ``figure``: the latency-vs-throughput PNG's path), or None when the benchmark has not run; notebook 05 shows
+    it without running anything."""
+    folder = profile_dir(output_root, profile) / "bench" / "load"
+    if not (folder / "load.json").is_file():
+        return None
+    report = json.loads((folder / "load.json").read_text(encoding="utf-8"))
+    return {**report, "figure": folder / "latency_vs_throughput.png"}
+
+
+def results_frame(report: dict):
+    """One row per (model, problems in flight, schedule) of a stored report: throughput, latency, accuracy, tokens
+    and the prefix-cache shares of thread calls beside their block maximum."""
+    import pandas as pd
+
+    rows = [{"model": r["model"], "in flight": r["concurrency"], "schedule": r["schedule"],
+             "problems/s": r["problems_per_s"], "tokens/s": r["generated_tokens_per_s"],
+             "latency p50 s": r["latency_p50_s"], "latency p95 s": r["latency_p95_s"], "accuracy": r["accuracy"],
+             "total tokens": r["total_tokens_mean"], "critical path": r["critical_path_tokens_mean"],
+             "threads 2..K cached": r["cache"]["threads_2_K"]["cached_share"],
+             "threads 2..K block max": r["cache"]["threads_2_K"]["block_max_share"]} for r in report["records"]]
+    return pd.DataFrame(rows).set_index(["model", "in flight", "schedule"])
+
+
+def verdict_frame(report: dict):
+    """The stored report's targets: measured value and verdict."""
+    import pandas as pd
+
+    mark = {True: "met", False: "not met", None: "n/a"}
+    return pd.DataFrame([{"target": v["target"], "value": v["value"], "verdict": mark[v["met"]]}
+                         for v in report["verdicts"].values()]).set_index("target")

@@ -50,12 +50,18 @@ class RewardKnobs(KnobGroup):
 @dataclass(frozen=True, kw_only=True)
 class LaunchKnobs(KnobGroup):
     """Training in several processes (docs/design.md §10): empty ``accelerate_config`` trains in the notebook's
-    own process; a name of ``configs/accelerate/`` or a file hands the job to ``accelerate launch``."""
+    own process; a name of ``configs/accelerate/`` or a file hands the job to ``accelerate launch``. On CPU,
+    ``concurrent_jobs`` > 1 trains that many of a stage's models side by side, each in a process of its own
+    with an equal share of the cores (a small model uses two cores poorly)."""
     accelerate_config: str = ""
     num_processes: int = 0
+    concurrent_jobs: int = 1
 
     def knob_checks(self) -> Iterator[Check]:
         yield from super().knob_checks()
         yield self.num_processes >= 0, "num_processes", "must be >= 0 (0: the accelerate config's count)"
         yield (self.num_processes == 0 or bool(self.accelerate_config), "num_processes",
                "needs an accelerate_config (several processes are started by accelerate launch)")
+        yield self.concurrent_jobs >= 1, "concurrent_jobs", "must be >= 1 (1: one model after the other)"
+        yield (self.concurrent_jobs == 1 or not self.accelerate_config, "concurrent_jobs",
+               "must be 1 with an accelerate_config (each launched job already uses every device)")
