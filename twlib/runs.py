@@ -255,7 +255,10 @@ class RunFolder:
 
     def has_step(self, name: str) -> bool:
         """Whether `once` has kept the step ``name`` (a resumed run skips it)."""
-        return (self.folder / "steps" / f"{name}.json").exists()
+        return self._step_path(name).exists()
+
+    def _step_path(self, name: str) -> Path:
+        return self.folder / "steps" / f"{name}.json"
 
     def stage_path(self, stage: str, *parts: str) -> Path:
         """A path in an earlier stage's folder of the same profile (not created)."""
@@ -305,7 +308,7 @@ class RunFolder:
 
         >>> run.once("reference_scores", lambda: score(model))   # doctest: +SKIP
         """
-        path = self.folder / "steps" / f"{name}.json"
+        path = self._step_path(name)
         if path.exists():
             return json.loads(path.read_text(encoding="utf-8"))["value"]
         if self.complete:
