@@ -493,10 +493,9 @@ def test_jobs_side_by_side_keep_each_result_and_resume(tiny_profile, capsys):
 
     root, base = tiny_profile
     cfg = dataclasses.replace(base, profile="side", concurrent_jobs=2)
-    for stage in ("01_trajectories",):  # the same notebook-01 outputs under this profile's name
-        (root / "side").mkdir(exist_ok=True)
-        if not (root / "side" / stage).exists():
-            (root / "side" / stage).symlink_to(root / "scale" / stage)
+    (root / "side").mkdir(exist_ok=True)  # the same notebook-01 outputs under this profile's name
+    if not (root / "side" / "01_trajectories").exists():
+        (root / "side" / "01_trajectories").symlink_to(root / "scale" / "01_trajectories")
     run = RunFolder.open(cfg)
     results = sft.fit(cfg, ["sequential", "parallel"], run)
     assert set(results) == {"sequential", "parallel"}

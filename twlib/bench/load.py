@@ -327,22 +327,10 @@ def _cache_verdicts(records: Sequence[dict]) -> dict[str, dict]:
 
 
 def table(records: Sequence[dict], verdict: dict[str, dict]) -> str:
-    """The records as a fixed-width table, then one line per verdict."""
-    head = (f"{'model':<10} {'conc':>4} {'schedule':<8} {'prob/s':>7} {'tok/s':>7} {'p50 s':>6} {'p95 s':>6} "
-            f"{'acc':>5} {'total':>6} {'crit':>6} {'steps':>6} {'seq%':>5} {'t1%':>5} {'t1max%':>6} {'t2+%':>5} {'t2+max%':>7}")
-    lines = [head, "-" * len(head)]
-    pct = lambda v: "-" if v is None else f"{100 * v:.1f}"
-    for r in records:
-        c = r["cache"]
-        lines.append(f"{r['model']:<10} {r['concurrency']:>4} {r['schedule']:<8} {r['problems_per_s']:>7.3f} "
-                     f"{r['generated_tokens_per_s']:>7.1f} {r['latency_p50_s']:>6.2f} {r['latency_p95_s']:>6.2f} "
-                     f"{r['accuracy']:>5.2f} {r['total_tokens_mean']:>6.1f} {r['critical_path_tokens_mean']:>6.1f} "
-                     f"{r['server_steps']:>6} "
-                     f"{pct(c['sequential']['cached_share']):>5} {pct(c['thread_1']['cached_share']):>5} "
-                     f"{pct(c['thread_1']['block_max_share']):>6} {pct(c['threads_2_K']['cached_share']):>5} "
-                     f"{pct(c['threads_2_K']['block_max_share']):>7}")
-    lines.append("")
-    for name, v in verdict.items():
+    """The records as a fixed-width table (`results_frame`), then one line per verdict."""
+    frame = results_frame({"records": records})
+    lines = [frame.to_string(float_format=lambda v: f"{v:.3g}", na_rep="-"), ""]
+    for v in verdict.values():
         mark = {True: "MET", False: "NOT MET", None: "n/a"}[v["met"]]
         lines.append(f"{mark:<8} {v['target']} (value {v['value']})")
     return "\n".join(lines)
@@ -385,14 +373,18 @@ def stored(output_root: str | Path, profile: str) -> dict | None:
 
 
 def results_frame(report: dict):
-    """One row per (model, problems in flight, schedule) of a stored report: throughput, latency, accuracy, tokens
-    and the prefix-cache shares of thread calls beside their block maximum."""
+    """One row per (model, problems in flight, schedule) of a report: throughput, latency, accuracy, tokens, the
+    server's engine steps and the prefix-cache share of each kind of call beside its block maximum (printed by
+    the benchmark, shown by notebook 05)."""
     import pandas as pd
 
     rows = [{"model": r["model"], "in flight": r["concurrency"], "schedule": r["schedule"],
              "problems/s": r["problems_per_s"], "tokens/s": r["generated_tokens_per_s"],
              "latency p50 s": r["latency_p50_s"], "latency p95 s": r["latency_p95_s"], "accuracy": r["accuracy"],
              "total tokens": r["total_tokens_mean"], "critical path": r["critical_path_tokens_mean"],
+             "server steps": r["server_steps"], "sequential cached": r["cache"]["sequential"]["cached_share"],
+             "thread 1 cached": r["cache"]["thread_1"]["cached_share"],
+             "thread 1 block max": r["cache"]["thread_1"]["block_max_share"],
              "threads 2..K cached": r["cache"]["threads_2_K"]["cached_share"],
              "threads 2..K block max": r["cache"]["threads_2_K"]["block_max_share"]} for r in report["records"]]
     return pd.DataFrame(rows).set_index(["model", "in flight", "schedule"])
