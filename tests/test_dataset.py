@@ -71,6 +71,17 @@ def test_parquet_round_trip(tmp_path):
         dataset.load_parquet(tmp_path / "missing")
 
 
+def test_rows_built_by_several_processes_equal_rows_built_here():
+    rng = random.Random(2)
+    problems = {"train": [make_problem("expressions", rng, ExpressionParams()) for _ in range(7)], "validation": [],
+                "test": [make_problem("expressions", rng, ExpressionParams()) for _ in range(3)]}
+    here = dataset.build_dataset_dict(problems, TOK, workers=1)
+    counted = []
+    forked = dataset.build_dataset_dict(problems, TOK, progress=counted.append, workers=2, chunk=2)
+    assert {s: forked[s].to_list() for s in forked} == {s: here[s].to_list() for s in here}
+    assert [r["id"] for r in forked["train"]] == [f"train-{i:06d}" for i in range(7)] and sum(counted) == 10
+
+
 def test_statistics_table_and_summary():
     rng = random.Random(2)
     rows = [dataset.problem_row(make_problem("expressions", rng, ExpressionParams()), TOK, "test", i)

@@ -8,7 +8,7 @@ import nbformat
 import pytest
 import yaml
 
-from twlib import config, dataset, pipeline, sft
+from twlib import config, dataset, pipeline, sft, width
 from twlib import format as fmt
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -112,7 +112,7 @@ def test_bad_parameter_is_named():
     with pytest.raises(config.ConfigError, match="'families'.*sudoku"):
         config.TrajectoriesConfig.from_dict({"profile": "x", "families": ["sudoku"], "family_weights": [1.0]})
     with pytest.raises(config.ConfigError, match="'expr_groups_min'"):
-        config.TrajectoriesConfig.from_dict({"profile": "x", "expr_groups_min": 1})
+        config.TrajectoriesConfig.from_dict({"profile": "x", "expr_groups_min": 0})
 
 
 @pytest.mark.notebooks
@@ -313,8 +313,20 @@ def test_notebook_05_smoke(smoke_outputs):
     for kind, rows in records.items():  # every model against the sequential SFT model's tokens
         per_problem = [s["total_tokens"] / r["critical_path_tokens"] for s, r in zip(records["sequential"], rows)]
         assert models[kind]["mean_speedup"] == pytest.approx(sum(per_problem) / len(per_problem))
-    for fig in ("speedup_hist.png", "accuracy_vs_latency.png", "thread_counts.png", "models.png"):
+    for fig in ("speedup_hist.png", "accuracy_vs_latency.png", "thread_counts.png", "models.png", "adaptive_width.png"):
         assert (stage / fig).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # Per model and available width: the expression problems of the test set, counted from the questions.
+    problems = [dict(r) for r in test.select(range(params["n_test"]))]
+    expected = {}
+    for p, r in zip(problems, records["pgrpo"]):
+        if p["family"] == "expressions":
+            chosen = max(r["threads_per_block"]) if r["threads_per_block"] else 1
+            expected.setdefault(width.available_width(p), []).append(chosen)
+    rows = {row["available width"]: row for row in metrics["metrics"]["width"] if row["model"] == "pgrpo"}
+    assert set(rows) == set(expected) and {row["model"] for row in metrics["metrics"]["width"]} == set(records) - {"sequential"}
+    for w, chosen in expected.items():
+        assert rows[w]["problems"] == len(chosen)
+        assert rows[w]["threads_chosen"] == pytest.approx(sum(chosen) / len(chosen), abs=1e-3)
     executed = nbformat.read(stage / "05_evaluation.ipynb", as_version=4)
     assert not [o for c in executed.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
     shown = "".join(o.get("text", "") for c in executed.cells if c.cell_type == "code" for o in c.outputs)

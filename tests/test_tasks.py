@@ -116,7 +116,7 @@ def test_expression_problems_are_correct(seed):
     assert orders >= {"a", "d", "g"} and shapes == {"balanced", "chain"}
 
 
-@pytest.mark.parametrize("bad,match", [({"groups_max": 9}, "groups_max <= 8"), ({"groups_min": 1}, "2 <= groups_min"),
+@pytest.mark.parametrize("bad,match", [({"groups_max": 9}, "groups_max <= 8"), ({"groups_min": 0}, "1 <= groups_min"),
                                        ({"repeats_max": 10}, "repeats_max <= 9"),
                                        ({"chain_repeats_min": 0}, "1 <= chain_repeats_min"),
                                        ({"balanced_fraction": 1.5}, "balanced_fraction")])

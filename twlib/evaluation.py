@@ -365,6 +365,11 @@ def paired_frame(sequential: Sequence[dict], parallel: Sequence[dict]):
         for s, p, k, x, y in zip(sequential, parallel, keys, ours, official)])
 
 
+def paired_frames(records: dict[str, list[dict]], baseline: str = "sequential") -> dict:
+    """`paired_frame` of the baseline with every other model: ``{model: frame}``."""
+    return {name: paired_frame(records[baseline], recs) for name, recs in records.items() if name != baseline}
+
+
 def _table_row(g, convention: str) -> dict:
     """One benchmark's row: avg@n accuracies with standard errors, mean latencies and speedups (means over problems
     of per-problem means), the max speedup over correct samples of problems the baseline solves, activation."""

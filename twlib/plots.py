@@ -208,3 +208,39 @@ def rollout_fates(records, fates):
     ax.legend(title="fate", fontsize=8)
     fig.tight_layout()
     return fig
+
+
+def adaptive_width(table, wall_clock: bool = True):
+    """Per available width (`width.width_table`, one line per model; ``chain`` first): the threads each model chose
+    against the available ones, ideal and measured token speedup, accuracy against the sequential baseline and,
+    with ``wall_clock`` (problems decoded one at a time, so that a record's seconds are its latency), wall clock
+    per problem."""
+    plt, _ = _setup()
+    labels = sorted({w for _, w in table.index}, key=lambda w: 0 if w == "chain" else int(w))
+    x = {w: i for i, w in enumerate(labels)}
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8)) if wall_clock else plt.subplots(1, 3, figsize=(15, 4.2))
+    axes = list(axes.flat)
+    per_width = table.groupby(level="available width").first().reindex(labels)
+    ends = range(len(labels))
+    # Reference lines on top, dashed, so a model that matches them exactly leaves them visible.
+    axes[0].plot(ends, [1 if w == "chain" else int(w) for w in labels], ls="--", c="grey", zorder=5, label="available")
+    axes[1].plot(ends, per_width.ideal_speedup, ls="--", c="grey", zorder=5, label="ideal (the data's CoTs)")
+    axes[2].plot(ends, per_width.seq_accuracy, marker="s", c="black", label="sequential baseline")
+    if wall_clock:
+        axes[3].plot(ends, per_width.seq_wall_seconds, marker="s", c="black", label="sequential baseline")
+    for model, rows in table.groupby(level="model", sort=False):
+        pos = [x[w] for w in rows.index.get_level_values("available width")]
+        columns = ["threads_chosen", "token_speedup", "par_accuracy"] + (["par_wall_seconds"] if wall_clock else [])
+        for ax, column in zip(axes, columns):
+            ax.plot(pos, rows[column], marker="o", label=model)
+    axes[1].axhline(1.0, c="black", lw=0.8)
+    titles = [("threads in the widest block", "How wide each model forked"),
+              ("token-latency speedup", "Sequential tokens / critical path"), ("accuracy", "Accuracy"),
+              ("seconds per problem", "Wall clock per problem, one at a time")]
+    for ax, (ylabel, title) in zip(axes, titles):
+        ax.set(ylabel=ylabel, title=title)
+        ax.set_xticks(ends, labels)
+        ax.set_xlabel("available width (independent sub-expressions)")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig

@@ -99,8 +99,8 @@ class TrajectoriesConfig(StageConfig):
         self._check(all(w >= 0 for w in self.family_weights) and sum(self.family_weights) > 0,
                     "family_weights", "must be >= 0 with a positive sum")
         self._check(0.0 <= self.expr_balanced_fraction <= 1.0, "expr_balanced_fraction", "must be in [0, 1]")
-        self._check(2 <= self.expr_groups_min <= self.expr_groups_max <= MAX_GROUPS, "expr_groups_min",
-                    f"must satisfy 2 <= expr_groups_min <= expr_groups_max <= {MAX_GROUPS} "
+        self._check(1 <= self.expr_groups_min <= self.expr_groups_max <= MAX_GROUPS, "expr_groups_min",
+                    f"must satisfy 1 <= expr_groups_min <= expr_groups_max <= {MAX_GROUPS} "
                     "(three key letters per sub-expression)")
         self._check(1 <= self.expr_repeats_min <= self.expr_repeats_max <= MAX_REPEATS, "expr_repeats_min",
                     f"must satisfy 1 <= expr_repeats_min <= expr_repeats_max <= {MAX_REPEATS}")

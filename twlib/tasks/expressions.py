@@ -5,9 +5,10 @@ sub-expression ``s + d·n`` (mod 10), in random order. A sub-expression is worke
 per addition, counting ``n`` down.
 
 Shapes: ``balanced`` — k ≥ 2 independent sub-expressions, each evaluated in its own thread, then
-summed; ``chain`` — k sub-expressions where each starts from the previous one's value (``dA`` reads
-"d is A's value"), so forking cannot help and the parallel CoT stays sequential (*when* to fork is
-learnt). The answer is the sum (balanced) or the last value (chain).
+summed; ``single`` — one sub-expression, nothing to fork; ``chain`` — k ≥ 2 sub-expressions where each
+starts from the previous one's value (``dA`` reads "d is A's value"), so forking cannot help and the
+parallel CoT stays sequential (*when* to fork is learnt). The answer is the sum (balanced, single) or
+the last value (chain).
 
 Every number in the question follows a key letter that appears once in the question (group i
 uses the keys ``3i..3i+2`` of the alphabet). A CoT line either copies what follows a key (a
@@ -54,8 +55,8 @@ class ExpressionParams:
     def __post_init__(self):
         if not 0.0 <= self.balanced_fraction <= 1.0:
             raise ValueError(f"balanced_fraction must be in [0, 1], got {self.balanced_fraction}")
-        if not 2 <= self.groups_min <= self.groups_max <= MAX_GROUPS:
-            raise ValueError(f"need 2 <= groups_min <= groups_max <= {MAX_GROUPS} "
+        if not 1 <= self.groups_min <= self.groups_max <= MAX_GROUPS:
+            raise ValueError(f"need 1 <= groups_min <= groups_max <= {MAX_GROUPS} "
                              f"(three key letters per group), got {self.groups_min}..{self.groups_max}")
         for lo, hi, name in ((self.repeats_min, self.repeats_max, "repeats"),
                              (self.chain_repeats_min, self.chain_repeats_max, "chain_repeats")):
@@ -130,11 +131,13 @@ def make_expression_problem(rng: random.Random, p: ExpressionParams) -> Problem:
         values.append(value)
     # Lines in random order: a number must be found by its key, not by where its line sits.
     question = "\n".join([INSTRUCTION] + rng.sample(defs, k))
-    if not balanced:
+    if not balanced and k > 1:
         answer = str(values[-1])
         chain = tuple(line for g in groups for line in g.lines)
         return Problem(question, answer, "expressions", "chain", Plan((chain,), answer))
     answer = str(sum(values) % MODULUS)
+    if k == 1:  # one sub-expression: a chain of one, whichever shape was drawn
+        return Problem(question, answer, "expressions", "single", Plan((groups[0].lines,), answer))
     return Problem(question, answer, "expressions", "balanced",
                    Plan((Fork(tuple(groups)), tuple(join_lines(values))), answer))
 
@@ -167,3 +170,16 @@ def evaluate_question(question: str) -> int:
         values.append((first + step * repeats) % MODULUS)
     chain = any(start.isalpha() for start, _, _ in parsed.values())
     return values[-1] if chain else sum(values) % MODULUS
+
+
+def independent_subexpressions(question: str) -> int:
+    """How many threads the question's work can use at once: its number of sub-expressions, or 1 for a chain
+    (each link waits for the one before). The width axis of the adaptive-width study (docs/design.md §9).
+
+    >>> independent_subexpressions(INSTRUCTION + "\\nd5+e1*f1\\na3+b4*c2\\ng0+h2*i4")
+    3
+    >>> independent_subexpressions(INSTRUCTION + "\\ndA+e1*f1\\na3+b4*c2")  # a chain of two
+    1
+    """
+    lines = definitions(question)
+    return 1 if any(line[1].isalpha() for line in lines) else len(lines)
