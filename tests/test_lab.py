@@ -19,7 +19,8 @@ STAGES = ["01_trajectories", "02_trie_sft", "01b_rewriting", "03_self_training",
 VOLATILE = {"timings", "finished_at", "git_sha", "git_dirty", "packages", "device", "files", "sources",
             "wall_seconds", "engine_seconds", "sequential_wall_seconds", "parallel_wall_seconds",
             "wall_clock_speedup", "parallel_efficiency", "orchestration_overhead", "train_runtime",
-            "train_samples_per_second", "train_steps_per_second", "seconds", "started"}
+            "train_samples_per_second", "train_steps_per_second", "seconds", "started",
+            "seq_wall_seconds", "par_wall_seconds", "wall_speedup"}  # notebook 05's per-width wall clock
 
 pytestmark = pytest.mark.notebooks
 
