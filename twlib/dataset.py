@@ -23,6 +23,7 @@ from datasets import Dataset, DatasetDict, load_dataset
 from . import format as fmt
 from . import tasks
 from .config import STAGE_CONFIGS, TrajectoriesConfig
+from .files import usable_cores
 from .show import progress
 from .tasks import SPLITS, Problem, math_data
 from .tokenizer import build_char_tokenizer, drift, load_tokenizer, prompt_ids, save_tokenizer, token_counter
@@ -81,8 +82,7 @@ def build_dataset_dict(problems: dict[str, list[Problem]], tokenizer, progress=N
                        chunk: int = 500):
     """``DatasetDict`` with one split per key of ``problems``; rows are built ``chunk`` problems at a time by
     ``workers`` processes (None: one per core; 1: here), in order, so the result does not depend on them."""
-    if workers is None:
-        workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    workers = usable_cores() if workers is None else workers
     work = [(items[i:i + chunk], tokenizer, split, i) for split, items in problems.items()
             for i in range(0, len(items), chunk)]
     rows: dict[str, list[dict]] = {split: [] for split in problems}

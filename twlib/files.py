@@ -45,6 +45,11 @@ def project_root(start: str | Path | None = None) -> Path:
     return found or find_root(Path.cwd()) or Path.cwd()
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity where the OS reports one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     """Write ``data`` so that readers see either the old file or the whole new one, never a part."""
     path = Path(path)

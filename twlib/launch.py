@@ -35,7 +35,7 @@ from typing import Callable, Sequence
 import torch.distributed as dist
 
 from .config import STAGE_CONFIGS, ConfigError, LaunchKnobs, StageConfig, load_profile
-from .files import atomic_write_json, project_root
+from .files import atomic_write_json, project_root, usable_cores
 from .runs import RunFolder, stage_dir
 from .show import progress
 
@@ -163,7 +163,7 @@ def side_by_side(job: str, cfg: StageConfig, names: Sequence[str], at_once: int,
     ends. Failed jobs are reported together once the others have ended; an interrupt stops every job."""
     folder = stage_dir(cfg.output_root, cfg.profile, cfg.stage) / "launch"
     params = write_stage_params(cfg, folder)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = usable_cores()
     threads = str(max(1, cores // at_once))
     env = os.environ | {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "TOKENIZERS_PARALLELISM": "false"}
     queue, running, failures = list(names), {}, []
