@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from twlib.engines import Completion, Request, Sampling
-from twlib.engines.hf import HFEngine, common_prefix_length
+from twlib.engines.hf import HFEngine, common_prefix_length, sampling_probs
 from twlib.models import TinyModelSpec, build_tiny_model
 from twlib.tokenizer import build_char_tokenizer
 
@@ -99,3 +99,39 @@ def test_padded_batch_of_many_lengths_equals_one_by_one(model):
     assert together[2] == Completion((), "length")
     assert {c.finish_reason for c in together} >= {"length", "stop"}
     assert len({len(c.ids) for c in together}) >= 4
+
+
+def test_sampling_probs_cut_each_row_at_its_own_top_p():
+    logits = torch.tensor([[0.5, 0.3, 0.2], [0.1, 0.6, 0.3]]).log()
+    # Row 1: 0.5 alone is short of 0.7, 0.5 + 0.3 reaches it → keep two. Row 2: 0.6, then 0.3 → keep two.
+    want = torch.tensor([[0.625, 0.375, 0.0], [0.0, 2 / 3, 1 / 3]])
+    assert torch.allclose(sampling_probs(logits, Sampling(temperature=1.0, top_p=0.7)), want)
+    assert torch.allclose(sampling_probs(logits, Sampling(temperature=1.0)), logits.exp())
+    # Temperature 0.5 squares the odds before normalising: 0.25, 0.09, 0.04 out of 0.38.
+    assert torch.allclose(sampling_probs(logits[:1], Sampling(temperature=0.5)), torch.tensor([[25, 9, 4]]) / 38)
+
+
+def test_a_batch_sampled_in_one_call_follows_each_rows_distribution():
+    # 4,000 rows of two different distributions, picked in one call: each row's token frequencies match its own.
+    logits = torch.tensor([[0.5, 0.3, 0.2], [0.1, 0.6, 0.3]]).log().repeat(2000, 1)
+    sampling = Sampling(temperature=1.0, top_p=0.7)
+    torch.manual_seed(0)
+    tokens = torch.tensor(HFEngine._pick_batch(logits, [Request((1,), 1, sampling=sampling)] * 4000, [None] * 4000))
+    for row, want in enumerate(sampling_probs(logits[:2], sampling)):
+        freq = torch.bincount(tokens[row::2], minlength=3) / 2000
+        assert torch.allclose(freq, want, atol=0.03), (row, freq, want)
+
+
+def test_greedy_batches_and_seeded_rows_pick_what_they_pick_alone(model):
+    logits = torch.randn(5, len(TOK))
+    greedy = [Request((1,), 1)] * 5
+    assert HFEngine._pick_batch(logits, greedy, [None] * 5) == logits.argmax(-1).tolist()
+    # A seeded row among unseeded ones keeps its own generator: the same token as when it is picked alone.
+    seeded = Request((1,), 1, sampling=Sampling(temperature=1.0, seed=3))
+    mixed = [Request((1,), 1, sampling=Sampling(temperature=1.0))] * 4 + [seeded]
+    engine_rows = [None] * 4 + [torch.Generator().manual_seed(3)]
+    alone = HFEngine._pick(logits[4], seeded, torch.Generator().manual_seed(3))
+    assert HFEngine._pick_batch(logits, mixed, engine_rows)[4] == alone
+    # Sampled rollouts of one temperature decode the same through the engine with or without company.
+    r = Request(_prompt("abc"), 12, sampling=Sampling(temperature=1.0, seed=5))
+    assert HFEngine(model, EOS).generate([r, Request(_prompt("abd"), 12)])[0] == HFEngine(model, EOS).generate([r])[0]

@@ -173,7 +173,9 @@ def test_notebook_02_smoke(smoke_outputs):
     assert metrics["status"] == "complete"
     for kind in ("sequential", "parallel"):
         m = metrics["metrics"][kind]
-        assert m["steps"] == params["max_steps"] and m["final_loss"] > 0 and m["trained_tokens"] > 0
+        assert m["steps"] == params["max_steps"] and m["final_loss"] > 0 and m["label_tokens"] > 0
+        rows_seen = params["max_steps"] * params["batch_rows"] * params.get("gradient_accumulation_steps", 1)
+        assert m["epochs"] == round(rows_seen / m["rows"], 3)  # steps × rows per step over the packed rows
         assert m["trajectories"] == spec["01_trajectories"]["n_train"] + spec["01_trajectories"]["n_train_short"]
         from twlib.models import load_model
         from twlib.tokenizer import load_tokenizer, prompt_ids

@@ -156,7 +156,7 @@ def test_saved_models_reload_with_the_tags_as_single_tokens(rehearsal):
         assert (eos if isinstance(eos, list) else [eos]) == [151645], path
     sft = _strict_json(folder / "02_trie_sft" / "metrics.json")["metrics"]
     assert sft["parallel"]["trajectories"] == 3 and sft["parallel"]["steps"] == 4
-    assert sft["sequential"]["trained"] is False and sft["sequential"]["trained_tokens"] == 0  # the base model
+    assert sft["sequential"]["trained"] is False and sft["sequential"]["label_tokens"] == 0  # the base model
 
 
 @pytest.mark.notebooks

@@ -248,7 +248,7 @@ def retrain_job(cfg: SelfTrainingConfig, name: str, run: RunFolder) -> dict:
     launch``): trie SFT on the merged examples the notebook wrote to ``<run>/data/train.jsonl``, from the
     parallel SFT model or, with ``retrain_from: scratch``, from a fresh start as the paper does (notebook 02's
     base model, or a tiny model of its sizes). The model goes to ``<run>/<name>_model``.
-    Returns ``{"log", "model_path", "parameters", "rows", "trained_tokens", "trajectories"}``."""
+    Returns ``{"log", "model_path", "parameters", "rows", "label_tokens", "epochs", "trajectories"}``."""
     lines = (run.folder / TRAIN_EXAMPLES).read_text(encoding="utf-8").splitlines()
     examples = [json.loads(line) for line in lines]
     if not examples:

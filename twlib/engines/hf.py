@@ -21,7 +21,7 @@ from typing import Sequence
 
 import torch
 
-from . import Completion, Request, finish_reason
+from . import Completion, Request, Sampling, finish_reason
 
 
 def common_prefix_length(prompts: Sequence[Sequence[int]]) -> int:
@@ -116,9 +116,10 @@ class HFEngine:
         generated: list[list[int]] = [[] for _ in requests]
         while True:
             cache, logits = step.past_key_values, step.logits[:, -1].float()
+            tokens = self._pick_batch(logits, [requests[i] for i in active], [generators[i] for i in active])
             keep = []
             for row, i in enumerate(active):
-                token = self._pick(logits[row], requests[i], generators[i])
+                token = tokens[row]
                 generated[i].append(token)
                 r = requests[i]
                 if not (token == self.eos_token_id or token in r.stop_ids or len(generated[i]) >= r.max_new_tokens):
@@ -134,6 +135,18 @@ class HFEngine:
         return [Completion(tuple(g), finish_reason(g, r.stop_ids, self.eos_token_id))
                 for g, r in zip(generated, requests)]
 
+    @classmethod
+    def _pick_batch(cls, logits, requests: list[Request], generators: list) -> list[int]:
+        """A token for every row. Rows that share one sampling setting and no per-request seed (the usual
+        batch: every row greedy, or every rollout sampled at one temperature) are picked in one call, from
+        the distribution `_pick` uses row by row; rows with a seed keep their own generator."""
+        first = requests[0].sampling
+        if any(g is not None for g in generators) or any(r.sampling != first for r in requests):
+            return [cls._pick(logits[row], r, g) for row, (r, g) in enumerate(zip(requests, generators))]
+        if first.greedy:
+            return logits.argmax(-1).tolist()
+        return torch.multinomial(sampling_probs(logits, first), 1).squeeze(-1).tolist()
+
     @staticmethod
     def _generator(r: Request, device):
         if r.sampling.greedy or r.sampling.seed is None:
@@ -144,12 +157,21 @@ class HFEngine:
     def _pick(logits, r: Request, generator) -> int:
         if r.sampling.greedy:
             return int(logits.argmax())
-        probs = torch.softmax(logits / r.sampling.temperature, dim=-1)
-        if r.sampling.top_p < 1:
-            sorted_probs, order = probs.sort(descending=True)
-            # Keep the smallest set whose mass reaches top_p (always at least the top token).
-            outside = sorted_probs.cumsum(-1) - sorted_probs >= r.sampling.top_p
-            probs = probs.clone()
-            probs[order[outside]] = 0
-            probs = probs / probs.sum()
-        return int(torch.multinomial(probs, 1, generator=generator))
+        return int(torch.multinomial(sampling_probs(logits, r.sampling), 1, generator=generator))
+
+
+def sampling_probs(logits, sampling: Sampling):
+    """The distribution a sampled token is drawn from, per row of ``logits`` (``[..., vocab]``): softmax at
+    ``temperature``, cut to the smallest set of top tokens whose mass reaches ``top_p`` (always at least the
+    top one) and renormalised.
+
+    >>> sampling_probs(torch.tensor([[2.0, 1.0, 0.0]]).log(), Sampling(temperature=1.0, top_p=0.6)).tolist()
+    [[1.0, 0.0, 0.0]]
+    """
+    probs = torch.softmax(logits / sampling.temperature, dim=-1)
+    if sampling.top_p < 1:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        sorted_probs[sorted_probs.cumsum(-1) - sorted_probs >= sampling.top_p] = 0
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+        probs = probs / probs.sum(-1, keepdim=True)
+    return probs
